@@ -1,0 +1,41 @@
+"""Built-in facts: providers batch knows by name, and models' windows and prices.
+
+Sources are in ../shared/WIRE.md. Prices are USD per million tokens; a job
+overrides them per model with ``price_input_per_million`` and
+``price_output_per_million``, and a provider-reported charge (OpenRouter's
+``usage.cost``) is preferred over either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+SIM_BASE_URL = "sim://in-process"  # replaced by the real loopback URL at run time
+
+BUILTIN_PROVIDERS: dict[str, dict[str, Any]] = {
+    "openrouter": {"base_url": "https://openrouter.ai/api/v1", "api_key_env": "OPENROUTER_API_KEY"},
+    "openai": {"base_url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY"},
+    "sim": {"base_url": SIM_BASE_URL, "api_key_env": None},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    context_window: int
+    price_input_per_million: float
+    price_output_per_million: float
+
+
+_GPT35 = ModelFacts(context_window=16_385, price_input_per_million=0.50, price_output_per_million=1.50)
+
+KNOWN_MODELS: dict[str, ModelFacts] = {
+    "openai/gpt-3.5-turbo": _GPT35,
+    "gpt-3.5-turbo": _GPT35,
+    "gpt-3.5-turbo-0125": _GPT35,
+}
+
+
+def facts_for(model: str) -> ModelFacts | None:
+    """What batch knows of a model without asking the network, or None."""
+    return KNOWN_MODELS.get(model)

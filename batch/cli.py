@@ -1,0 +1,177 @@
+"""Command line: ``batch run | validate | stats | sim``; a thin layer over the Python API.
+
+Exit codes: 0 every row ok; 1 finished with some ``error`` rows; 2 invalid job
+or input, nothing sent; 3 stopped early (signal, budget, fatal provider
+error): rerun the same command to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+
+from batch.errors import BatchError, InputError, JobError, OutputError
+from batch.job import load_job
+from batch.runner import EXIT_INVALID, EXIT_STOPPED, RunOptions, Summary, run_async
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="batch", description="Run many LLM chat completions from a TOML job file.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a job (resumes where an earlier run stopped)")
+    r.add_argument("job", type=Path)
+    r.add_argument("--output", type=Path, help="override output.path")
+    r.add_argument("--concurrency", type=int, help="override run.concurrency")
+    r.add_argument("--limit", type=int, help="send at most N rows this run (the rest stay for later)")
+    r.add_argument("--retry-errors", action="store_true", help="also redo rows that ended as error")
+    r.add_argument("--force", action="store_true", help="write into an output made by a different job")
+    r.add_argument("--fresh", action="store_true", help="delete earlier results in output.path and start over")
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    v = sub.add_parser("validate", help="check the job file and the whole input; send nothing")
+    v.add_argument("job", type=Path)
+
+    s = sub.add_parser("stats", help="summarise an output directory")
+    s.add_argument("output", type=Path)
+    s.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("sim", help="run the OpenAI-compatible simulator on 127.0.0.1")
+    m.add_argument("--port", type=int, default=8765)
+    m.add_argument("--latency-ms", type=float, default=0.0)
+    m.add_argument("--latency-jitter-ms", type=float, default=0.0)
+    m.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "validate":
+            return _validate(args)
+        if args.command == "stats":
+            return _stats(args)
+        if args.command == "sim":
+            return _sim(args)
+    except (JobError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except OutputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except BatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
+    return EXIT_INVALID
+
+
+def _run(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    if args.output is not None:
+        job = dataclasses.replace(job, output=dataclasses.replace(job.output, path=args.output.resolve()))
+    if args.concurrency is not None:
+        if args.concurrency < 1:
+            raise JobError("--concurrency: expected a positive integer")
+        job = dataclasses.replace(job, run=dataclasses.replace(job.run, concurrency=args.concurrency))
+    options = RunOptions(retry_errors=args.retry_errors, force=args.force, fresh=args.fresh,
+                         limit=args.limit, quiet=args.quiet)
+    summary = asyncio.run(run_async(job, options))
+    if args.json:
+        print(orjson.dumps(summary_dict(summary), option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(format_summary(summary))
+    if summary.stop_reason:
+        print(f"stopped: {summary.stop_reason}", file=sys.stderr)
+    return summary.exit_code
+
+
+def summary_dict(s: Summary) -> dict[str, object]:
+    u = s.usage
+    return {
+        "output": str(s.out_dir), "exit_code": s.exit_code, "stop_reason": s.stop_reason,
+        "rows": s.rows_total, "ok": s.rows_ok, "error": s.rows_error, "rows_this_run": s.rows_this_run,
+        "rows_skipped": s.rows_skipped, "requests": u.requests, "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens, "cost_usd": round(u.cost_usd, 8),
+        "wall_seconds": round(s.wall_seconds, 3),
+        "rows_per_second": round(s.rows_this_run / s.wall_seconds, 1) if s.wall_seconds else 0.0,
+        "models": [
+            {"provider": p, "model": m, **{k: v for k, v in dataclasses.asdict(x).items()}}
+            for (p, m), x in s.per_model.items()
+        ],
+    }
+
+
+def format_summary(s: Summary) -> str:
+    u = s.usage
+    rate = s.rows_this_run / s.wall_seconds if s.wall_seconds else 0.0
+    per_k = f" (${u.cost_usd / s.rows_this_run * 1000:.4f} per 1,000 rows)" if s.rows_this_run else ""
+    lines = [
+        f"output   {s.out_dir}",
+        f"rows     {s.rows_total} in dataset: {s.rows_ok} ok, {s.rows_error} error"
+        f"  (this run {s.rows_this_run}, skipped as already done {s.rows_skipped})",
+        f"tokens   {u.prompt_tokens} prompt + {u.completion_tokens} completion",
+        f"cost     ${u.cost_usd:.6f}{per_k}",
+        f"time     {s.wall_seconds:.1f}s, {rate:.1f} rows/s, {u.requests} requests",
+    ]
+    for (provider, model), x in s.per_model.items():
+        if not x.requests:
+            continue
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(x.errors.items())) or "none"
+        lines.append(f"  {provider}:{model}: {x.requests} requests, {x.ok} ok, retries {x.retries}, "
+                     f"rate-limited {x.rate_limited}, errors: {errors}, ${x.cost_usd:.6f}, "
+                     f"p50 {x.latency_p50_ms} ms, p95 {x.latency_p95_ms} ms")
+    return "\n".join(lines)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from batch.plan import make_plan, scan
+
+    job = load_job(args.job)
+    plan = make_plan(job)
+    report = scan(plan)
+    print(f"{args.job}: job file ok; {report.rows} rows in {job.input.path.name}")
+    for problem in report.blocking:
+        print(f"  blocking: {problem}")
+    if report.bad_rows:
+        print(f"  {report.bad_rows} rows cannot be sent (run.on_bad_row = {job.run.on_bad_row!r}), e.g.:")
+        for example in report.bad_examples:
+            print(f"    {example}")
+    blocked = bool(report.blocking) or (report.bad_rows > 0 and job.run.on_bad_row == "fail")
+    return EXIT_INVALID if blocked else 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    path = args.output / "stats.parquet"
+    if not path.exists():
+        raise OutputError(f"{path}: not found; is {args.output} the output.path of a job that has run?")
+    rows = pq.read_table(path).to_pylist()
+    if args.json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2, default=str).decode())
+        return 0
+    for r in rows:
+        print(f"{r['run_id']}  {r['provider']}:{r['model']}: {r['requests']} requests, {r['ok']} ok, "
+              f"{r['errors']} errors, {r['prompt_tokens']}+{r['completion_tokens']} tokens, ${r['cost_usd']:.6f}")
+    print(f"total cost ${sum(r['cost_usd'] for r in rows):.6f}")
+    return 0
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from batch.sim import SimConfig, serve
+
+    config = SimConfig(latency_ms=args.latency_ms, latency_jitter_ms=args.latency_jitter_ms, seed=args.seed)
+    try:
+        asyncio.run(serve(config, args.port))
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,396 @@
+"""Stage 1: TOML job file -> typed, validated ``Job``.
+
+Everything about a job is checked here, once, so that later stages can trust
+their inputs. Every problem is reported with its dotted key path
+(``models[1].tokens_per_minute``), what was expected and what was found;
+unknown keys name the closest valid key. All problems of a file are collected
+and raised together as one ``JobError``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batch.catalog import BUILTIN_PROVIDERS
+from batch.errors import JobError
+
+INPUT_FORMATS = ("jsonl", "parquet", "openai-batch")
+ON_BAD_ROW = ("error", "skip", "fail")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InputSpec:
+    path: Path
+    format: str
+    id_column: str | None = None
+    template: str | None = None
+    messages_column: str | None = None
+    system: str | None = None
+    keep_columns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutputSpec:
+    path: Path
+    flush_rows: int = 1000
+    flush_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSpec:
+    provider: str
+    model: str
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    context_window: int | None = None
+    price_input_per_million: float | None = None
+    price_output_per_million: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider}:{self.model}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProviderSpec:
+    name: str
+    base_url: str
+    api_key_env: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunSpec:
+    concurrency: int = 64
+    max_attempts: int = 5
+    timeout_seconds: float = 60.0
+    max_cost_usd: float | None = None
+    fallback: bool = True
+    backoff_base_seconds: float = 0.5
+    backoff_max_seconds: float = 30.0
+    max_rate_limit_waits: int = 50
+    breaker_failures: int = 10
+    breaker_cooldown_seconds: float = 30.0
+    on_bad_row: str = "error"
+    limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimSpec:
+    """Knobs of the embedded simulator (provider ``sim``); see batch/sim.py."""
+
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Job:
+    source: Path
+    input: InputSpec
+    output: OutputSpec
+    request: Mapping[str, Any]
+    models: tuple[ModelSpec, ...]
+    providers: Mapping[str, ProviderSpec]
+    run: RunSpec
+    sim: SimSpec
+
+    def provider_of(self, model: ModelSpec) -> ProviderSpec:
+        return self.providers[model.provider]
+
+
+# --- validation helpers -------------------------------------------------------
+
+_TYPE_NAMES = {
+    str: "a string",
+    int: "a positive integer",
+    float: "a positive number",
+    bool: "true or false",
+    list: "a list of strings",
+    dict: "a table",
+}
+
+
+class _Problems:
+    """Collects every problem of a job file, so the user fixes them in one go."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+        self.lines: list[str] = []
+
+    def add(self, key: str, message: str) -> None:
+        self.lines.append(f"{key}: {message}")
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            body = "\n  ".join(self.lines)
+            raise JobError(f"{self.source}: invalid job file\n  {body}")
+
+
+def _check_keys(
+    table: Mapping[str, Any], allowed: tuple[str, ...], where: str, problems: _Problems
+) -> None:
+    for key in table:
+        if key in allowed:
+            continue
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(allowed)}"
+        problems.add(f"{where}{key}", f"unknown key{hint}")
+
+
+def _get(
+    table: Mapping[str, Any],
+    key: str,
+    kind: type,
+    where: str,
+    problems: _Problems,
+    default: Any = None,
+    *,
+    required: bool = False,
+    positive: bool = True,
+) -> Any:
+    if key not in table:
+        if required:
+            problems.add(f"{where}{key}", f"required, expected {_TYPE_NAMES[kind]}")
+        return default
+    value = table[key]
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if kind is list and ok:
+        ok = all(isinstance(v, str) for v in value)
+    if ok and positive and kind in (int, float) and value <= 0:
+        ok = False
+    if ok and kind is str and not value.strip():
+        ok = False
+    if not ok:
+        problems.add(f"{where}{key}", f"expected {_TYPE_NAMES[kind]}, got {value!r}")
+        return default
+    return value
+
+
+def _table(root: Mapping[str, Any], key: str, problems: _Problems) -> dict[str, Any]:
+    value = root.get(key, {})
+    if not isinstance(value, dict):
+        problems.add(key, "expected a table, e.g. [" + key + "]")
+        return {}
+    return value
+
+
+# --- sections ------------------------------------------------------------------
+
+_INPUT_KEYS = ("path", "format", "id_column", "template", "messages_column", "system", "keep_columns")
+
+
+def _input(raw: dict[str, Any], base: Path, p: _Problems) -> InputSpec | None:
+    w = "input."
+    _check_keys(raw, _INPUT_KEYS, w, p)
+    path = _get(raw, "path", str, w, p, required=True)
+    fmt = _get(raw, "format", str, w, p)
+    template = _get(raw, "template", str, w, p)
+    messages_column = _get(raw, "messages_column", str, w, p)
+    if path is None:
+        return None
+    full = (base / path).resolve()
+    if fmt is None:
+        fmt = _guess_format(full)
+        if fmt is None:
+            p.add("input.path", f"cannot tell the format of {path!r} from its name; "
+                  f"set input.format to one of {', '.join(INPUT_FORMATS)}")
+    elif fmt not in INPUT_FORMATS:
+        p.add("input.format", f"expected one of {', '.join(INPUT_FORMATS)}, got {fmt!r}")
+    if fmt != "openai-batch" and (template is None) == (messages_column is None):
+        p.add("input", "set exactly one of 'template' (a string with {column} fields) "
+              "or 'messages_column' (a column of chat messages)")
+    return InputSpec(
+        path=full,
+        format=fmt or "jsonl",
+        id_column=_get(raw, "id_column", str, w, p),
+        template=template,
+        messages_column=messages_column,
+        system=_get(raw, "system", str, w, p),
+        keep_columns=tuple(_get(raw, "keep_columns", list, w, p, [])),
+    )
+
+
+def _guess_format(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")):
+        return "jsonl"
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    return None
+
+
+def _output(raw: dict[str, Any], base: Path, p: _Problems) -> OutputSpec | None:
+    w = "output."
+    _check_keys(raw, ("path", "flush_rows", "flush_seconds"), w, p)
+    path = _get(raw, "path", str, w, p, required=True)
+    flush_rows = _get(raw, "flush_rows", int, w, p, 1000)
+    flush_seconds = _get(raw, "flush_seconds", float, w, p, 5.0)
+    if path is None:
+        return None
+    return OutputSpec(path=(base / path).resolve(), flush_rows=flush_rows, flush_seconds=flush_seconds)
+
+
+_MODEL_KEYS = (
+    "provider", "model", "requests_per_minute", "tokens_per_minute", "context_window",
+    "price_input_per_million", "price_output_per_million",
+)
+
+
+def _models(root: Mapping[str, Any], p: _Problems) -> tuple[ModelSpec, ...]:
+    raw = root.get("models")
+    if raw is None:
+        p.add("models", "required: at least one [[models]] table with provider and model")
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw) or not raw:
+        p.add("models", "expected one or more [[models]] tables")
+        return ()
+    specs = []
+    for i, m in enumerate(raw):
+        w = f"models[{i}]."
+        _check_keys(m, _MODEL_KEYS, w, p)
+        price_in = _get(m, "price_input_per_million", float, w, p, positive=False)
+        price_out = _get(m, "price_output_per_million", float, w, p, positive=False)
+        for key, price in (("price_input_per_million", price_in), ("price_output_per_million", price_out)):
+            if price is not None and price < 0:
+                p.add(w + key, f"expected zero or more, got {price!r}")
+        spec = ModelSpec(
+            provider=_get(m, "provider", str, w, p, "openrouter"),
+            model=_get(m, "model", str, w, p, "", required=True),
+            requests_per_minute=_get(m, "requests_per_minute", int, w, p),
+            tokens_per_minute=_get(m, "tokens_per_minute", int, w, p),
+            context_window=_get(m, "context_window", int, w, p),
+            price_input_per_million=price_in,
+            price_output_per_million=price_out,
+        )
+        specs.append(spec)
+    labels = [s.label for s in specs]
+    for label in {x for x in labels if labels.count(x) > 1}:
+        p.add("models", f"{label} is listed twice; each model appears once in the chain")
+    return tuple(specs)
+
+
+def _providers(root: Mapping[str, Any], models: tuple[ModelSpec, ...], p: _Problems) -> dict[str, ProviderSpec]:
+    raw = _table(root, "providers", p)
+    providers: dict[str, ProviderSpec] = {}
+    for name, builtin in BUILTIN_PROVIDERS.items():
+        providers[name] = ProviderSpec(name=name, **builtin)
+    for name, table in raw.items():
+        w = f"providers.{name}."
+        if not isinstance(table, dict):
+            p.add(f"providers.{name}", "expected a table")
+            continue
+        _check_keys(table, ("base_url", "api_key_env", "headers"), w, p)
+        old = providers.get(name)
+        base_url = _get(table, "base_url", str, w, p, old.base_url if old else None, required=old is None)
+        headers = table.get("headers", old.headers if old else {})
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+            p.add(w + "headers", "expected a table of header names to strings")
+            headers = {}
+        if base_url is not None and not base_url.startswith(("http://", "https://")):
+            p.add(w + "base_url", f"expected an http:// or https:// URL, got {base_url!r}")
+        providers[name] = ProviderSpec(
+            name=name,
+            base_url=(base_url or "").rstrip("/"),
+            api_key_env=_get(table, "api_key_env", str, w, p, old.api_key_env if old else None),
+            headers=dict(headers),
+        )
+    for i, m in enumerate(models):
+        if m.provider not in providers:
+            close = difflib.get_close_matches(m.provider, list(providers), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            p.add(f"models[{i}].provider", f"unknown provider {m.provider!r}; {hint}"
+                  f"define it in a [providers.{m.provider}] table with base_url and api_key_env")
+    return providers
+
+
+_RUN_KEYS = tuple(f for f in RunSpec.__dataclass_fields__)
+
+
+def _run(raw: dict[str, Any], p: _Problems) -> RunSpec:
+    w = "run."
+    _check_keys(raw, _RUN_KEYS, w, p)
+    d = RunSpec()
+    on_bad_row = _get(raw, "on_bad_row", str, w, p, d.on_bad_row)
+    if on_bad_row not in ON_BAD_ROW:
+        p.add("run.on_bad_row", f"expected one of {', '.join(ON_BAD_ROW)}, got {on_bad_row!r}")
+    return RunSpec(
+        concurrency=_get(raw, "concurrency", int, w, p, d.concurrency),
+        max_attempts=_get(raw, "max_attempts", int, w, p, d.max_attempts),
+        timeout_seconds=_get(raw, "timeout_seconds", float, w, p, d.timeout_seconds),
+        max_cost_usd=_get(raw, "max_cost_usd", float, w, p, d.max_cost_usd),
+        fallback=_get(raw, "fallback", bool, w, p, d.fallback),
+        backoff_base_seconds=_get(raw, "backoff_base_seconds", float, w, p, d.backoff_base_seconds),
+        backoff_max_seconds=_get(raw, "backoff_max_seconds", float, w, p, d.backoff_max_seconds),
+        max_rate_limit_waits=_get(raw, "max_rate_limit_waits", int, w, p, d.max_rate_limit_waits),
+        breaker_failures=_get(raw, "breaker_failures", int, w, p, d.breaker_failures),
+        breaker_cooldown_seconds=_get(raw, "breaker_cooldown_seconds", float, w, p, d.breaker_cooldown_seconds),
+        on_bad_row=on_bad_row,
+        limit=_get(raw, "limit", int, w, p, d.limit),
+    )
+
+
+# Keys of [sim]; their meaning lives in batch/sim.py's SimConfig.
+SIM_KEYS: dict[str, type] = {
+    "latency_ms": float,
+    "latency_jitter_ms": float,
+    "seed": int,
+    "requests_per_minute": int,
+    "tokens_per_minute": int,
+}
+
+
+def _sim(raw: dict[str, Any], p: _Problems) -> SimSpec:
+    _check_keys(raw, tuple(SIM_KEYS), "sim.", p)
+    options = {}
+    for key, kind in SIM_KEYS.items():
+        value = _get(raw, key, kind, "sim.", p, positive=False)
+        if value is not None:
+            options[key] = value
+    return SimSpec(options=options)
+
+
+_TOP_KEYS = ("input", "output", "request", "models", "providers", "run", "sim")
+
+
+def parse_job(data: Mapping[str, Any], source: Path) -> Job:
+    """Validate an already-parsed TOML document; ``source`` anchors relative paths."""
+    p = _Problems(source)
+    _check_keys(data, _TOP_KEYS, "", p)
+    base = source.parent
+    inp = _input(_table(data, "input", p), base, p)
+    out = _output(_table(data, "output", p), base, p)
+    request = _table(data, "request", p)
+    for reserved in ("model", "messages", "stream"):
+        if reserved in request:
+            p.add(f"request.{reserved}", "set by batch; choose models in [[models]] and prompts in [input]")
+    models = _models(data, p)
+    providers = _providers(data, models, p)
+    run = _run(_table(data, "run", p), p)
+    sim = _sim(_table(data, "sim", p), p)
+    p.raise_if_any()
+    assert inp is not None and out is not None
+    return Job(source=source, input=inp, output=out, request=request, models=models,
+               providers=providers, run=run, sim=sim)
+
+
+def load_job(path: str | Path) -> Job:
+    """Read and validate a TOML job file; raises JobError naming every problem."""
+    source = Path(path).resolve()
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobError(f"{path}: job file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobError(f"{path}: cannot read job file: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already carries "(at line N, column M)".
+        raise JobError(f"{path}: not valid TOML: {exc}") from None
+    return parse_job(data, source)

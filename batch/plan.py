@@ -1,0 +1,159 @@
+"""Before anything is sent: the job's prompt builder, output schema, fingerprint,
+and a streaming scan of the whole input for problems that block a run.
+
+``scan`` reads every row once (only the needed columns), so that a broken
+line at row 800,000 or a repeated id stops the run with exit 2 *before* the
+first request, not in the middle of the night. Ids are collected as Arrow
+arrays (about 10 bytes per id), not as a Python set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batch.errors import InputError
+from batch.job import Job
+from batch.prompts import PromptBuilder, Request
+from batch.sources import MISSING, RowBatch, count_rows, read_batches
+
+MAX_REPORTED = 5
+DEFAULT_MAX_TOKENS = 256  # completion reserve when the job sets no max_tokens
+
+
+@dataclass(slots=True)
+class Plan:
+    job: Job
+    builder: PromptBuilder
+    keep_types: list[tuple[str, pa.DataType]]
+    total_rows: int | None
+
+    def batches(self) -> Iterator[RowBatch]:
+        return read_batches(self.job.input.path, self.job.input.format, self.builder.columns)
+
+    @property
+    def max_tokens(self) -> int:
+        r = self.job.request
+        value = r.get("max_tokens", r.get("max_completion_tokens"))
+        return int(value) if isinstance(value, int) and value > 0 else DEFAULT_MAX_TOKENS
+
+
+def make_plan(job: Job) -> Plan:
+    inp = job.input
+    chain = "|".join(f"{m.provider}:{m.model}" for m in job.models)
+    builder = PromptBuilder(
+        template=inp.template, messages_column=inp.messages_column, system=inp.system,
+        id_column=inp.id_column, keep_columns=inp.keep_columns, request_fields=job.request, chain_key=chain,
+    )
+    return Plan(job, builder, _keep_types(job), count_rows(inp.path, inp.format))
+
+
+def _keep_types(job: Job) -> list[tuple[str, pa.DataType]]:
+    """Parquet keeps its column types; JSONL values are strings (JSON for non-strings)."""
+    cols = job.input.keep_columns
+    if job.input.format == "parquet" and job.input.path.exists():
+        try:
+            schema = pq.read_schema(job.input.path)
+            return [(c, schema.field(c).type if c in schema.names else pa.string()) for c in cols]
+        except (pa.ArrowException, OSError):
+            pass  # the scan reports the unreadable file
+    return [(c, pa.string()) for c in cols]
+
+
+@dataclass(slots=True)
+class ScanReport:
+    rows: int = 0
+    bad_rows: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+
+    @property
+    def blocking(self) -> list[str]:
+        if not self.duplicates:
+            return []
+        return [f"duplicate id {d}" for d in self.duplicates]
+
+
+def scan(plan: Plan) -> ScanReport:
+    """Read the whole input once; report duplicate ids and rows that cannot be sent."""
+    report = ScanReport()
+    id_arrays: list[pa.Array] = []
+    for batch in plan.batches():
+        ids = plan.builder.ids(batch)
+        id_arrays.append(pa.array(ids, pa.string()))
+        report.rows += batch.size
+        for req in plan.builder.build(batch, ids, None, encode=False):
+            if req.problem is not None:
+                report.bad_rows += 1
+                if len(report.bad_examples) < MAX_REPORTED:
+                    report.bad_examples.append(f"{req.problem[0]}: {req.problem[1]}")
+    if id_arrays:
+        report.duplicates = _duplicates(pa.chunked_array(id_arrays, pa.string()), plan)
+    return report
+
+
+def _duplicates(ids: pa.ChunkedArray, plan: Plan) -> list[str]:
+    counts = pc.value_counts(ids)
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(repeated) == 0:
+        return []
+    names = repeated.slice(0, MAX_REPORTED).to_pylist()
+    where: dict[str, list[str]] = {n: [] for n in names}
+    for batch in plan.batches():  # second pass only when there is something to report
+        for i, rid in enumerate(plan.builder.ids(batch)):
+            if rid in where and len(where[rid]) < 3:
+                where[rid].append(batch.where(i))
+    more = f" (and {len(repeated) - len(names)} more)" if len(repeated) > len(names) else ""
+    return [f"{n!r} at {', '.join(where[n])}" for n in names[:-1]] + \
+           [f"{names[-1]!r} at {', '.join(where[names[-1]])}{more}"]
+
+
+def fingerprint(job: Job) -> dict[str, Any]:
+    """Everything that changes answers. Comparing two tells the user what changed."""
+    return {
+        "input": input_identity(job.input.path),
+        "template": job.input.template,
+        "messages_column": job.input.messages_column,
+        "system": job.input.system,
+        "id_column": job.input.id_column,
+        "models": [f"{m.provider}:{m.model}" for m in job.models],
+        "request": dict(job.request),
+    }
+
+
+def input_identity(path: Path) -> dict[str, Any]:
+    """Name, size and a hash of the first and last MiB: cheap on a 10 GB file."""
+    try:
+        size = path.stat().st_size
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), 2)
+                h.update(f.read())
+        return {"name": path.name, "size": size, "sample_hash": h.hexdigest()}
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read input: {exc.strerror or exc}") from None
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            changes.append(f"{key}: {_short(old.get(key))} -> {_short(new.get(key))}")
+    return changes
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+__all__ = ["Plan", "Request", "ScanReport", "make_plan", "scan", "fingerprint", "describe_changes", "MISSING"]

@@ -1,0 +1,269 @@
+"""Stage 5: one HTTP call to an OpenAI-compatible endpoint -> ``Reply`` or ``ProviderError``.
+
+This is the only module that sees aiohttp exceptions and HTTP statuses:
+``classify`` turns a status and body into the ProviderError subclass whose
+class tells the router what to do, and ``send`` maps transport failures
+(timeouts, resets, truncated bodies) into ``TransientError``. API keys live
+only in ``Endpoint.headers``, which no repr, log line or error shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+import orjson
+
+from batch.errors import (
+    FallbackError,
+    FatalError,
+    JobError,
+    ProviderError,
+    RateLimited,
+    RejectedError,
+    TransientError,
+)
+
+USER_AGENT = "batch/0.1 (+https://github.com/batch-runner/batch)"
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_TRY_AGAIN_RE = re.compile(r"try again in (\d+(?:\.\d+)?)(ms|s)", re.I)
+_CONTEXT_WORDS = ("context length", "context_length", "maximum context", "too many tokens", "context window")
+_FILTER_WORDS = ("content_filter", "content_policy", "moderation", "flagged", "safety")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where one provider's requests go. ``headers`` carry the key: never printed."""
+
+    name: str
+    url: str
+    headers: Mapping[str, str] = field(repr=False)
+
+
+def make_endpoint(name: str, base_url: str, api_key_env: str | None, extra: Mapping[str, str]) -> Endpoint:
+    """Read the key from the environment now, once; raise JobError if it is missing."""
+    headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **extra}
+    if api_key_env:
+        key = os.environ.get(api_key_env, "").strip()
+        if not key:
+            raise JobError(f"provider {name!r}: environment variable {api_key_env} is not set; "
+                           f"export your API key there (keys are never read from the job file)")
+        headers["Authorization"] = f"Bearer {key}"
+    return Endpoint(name=name, url=base_url.rstrip("/") + "/chat/completions", headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class RateInfo:
+    """What x-ratelimit-* headers said; None where a header was absent."""
+
+    remaining_requests: float | None = None
+    remaining_tokens: float | None = None
+    reset_requests: float | None = None  # seconds
+    reset_tokens: float | None = None
+    limit_requests: float | None = None
+    limit_tokens: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    text: str
+    finish_reason: str
+    model: str
+    provider: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float | None  # as charged by the provider, when it says
+    cached_tokens: int | None
+    reasoning_tokens: int | None
+    latency_ms: float
+    rate: RateInfo | None
+
+
+def open_session(concurrency: int) -> aiohttp.ClientSession:
+    """One session per run; the pool allows one connection per worker."""
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, ttl_dns_cache=300)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
+                                 raise_for_status=False)
+
+
+async def send(session: aiohttp.ClientSession, endpoint: Endpoint, model: str, body: bytes,
+               timeout: float) -> Reply:
+    """POST one body; the deadline covers connecting, headers and the whole body."""
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            async with session.post(endpoint.url, data=body, headers=endpoint.headers) as resp:
+                raw = await resp.read()
+                status = resp.status
+                headers = resp.headers
+    except TimeoutError:
+        raise TransientError(f"no complete answer within {timeout:g}s", model=model, kind="timeout") from None
+    except aiohttp.ClientPayloadError as exc:
+        raise TransientError(f"truncated body: {exc}", model=model, kind="bad_response") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise TransientError(f"{type(exc).__name__}: {exc}", model=model, kind="connection") from None
+    latency_ms = (time.perf_counter() - started) * 1000
+    if status != 200:
+        raise classify(status, raw, headers, model)
+    try:
+        data = orjson.loads(raw)
+        return _parse(data, model, latency_ms, headers)
+    except ProviderError:
+        raise
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError, ValueError):
+        raise TransientError(f"malformed reply: {raw[:120]!r}", model=model, kind="bad_response") from None
+
+
+def _parse(data: dict[str, Any], model: str, latency_ms: float, headers: Mapping[str, str]) -> Reply:
+    if "error" in data and data["error"]:
+        raise classify(200, data, headers, model)
+    choice = data["choices"][0]
+    finish = choice.get("finish_reason") or "stop"
+    if finish == "error" or choice.get("error"):
+        err = choice.get("error") or {}
+        raise TransientError(f"error inside HTTP 200: {err.get('message', err)}", model=model, status=200,
+                             kind="upstream_error")
+    if finish == "content_filter":
+        raise FallbackError("the answer was withheld by a content filter", model=model, kind="content_filter")
+    text = choice["message"].get("content")
+    if text is None:
+        raise TransientError("reply has no message content", model=model, status=200, kind="bad_response")
+    usage = data.get("usage") or {}
+    details = usage.get("prompt_tokens_details") or {}
+    cdetails = usage.get("completion_tokens_details") or {}
+    cost = usage.get("cost")
+    return Reply(
+        text=text,
+        finish_reason=finish,
+        model=data.get("model") or model,
+        provider=data.get("provider"),
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        cost=float(cost) if cost is not None else None,
+        cached_tokens=details.get("cached_tokens"),
+        reasoning_tokens=cdetails.get("reasoning_tokens"),
+        latency_ms=latency_ms,
+        rate=rate_info(headers),
+    )
+
+
+def classify(status: int, body: bytes | dict[str, Any], headers: Mapping[str, str], model: str) -> ProviderError:
+    """Translate a failed response into the error class that decides what happens next."""
+    data: Any = body
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            data = {}
+    err = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(err, dict):
+        err = {"message": str(err) if err else (body[:200].decode("utf-8", "replace") if isinstance(body, bytes) else "")}
+    code = err.get("code")
+    meta = err.get("metadata") or {}
+    etype = str(meta.get("error_type") or err.get("type") or "")
+    message = str(err.get("message") or "")
+    if status == 200 and isinstance(code, int) and code >= 400:
+        status = code  # OpenRouter's error object inside a 200 carries the real status
+    avail = err.get("availability") if isinstance(err.get("availability"), dict) else None
+    words = f"{code} {etype} {message}".lower()
+    kw: dict[str, Any] = {"model": model, "status": status, "retry_after": retry_after(headers, err, message)}
+    detail = message or f"HTTP {status}"
+
+    if "insufficient_quota" in words or "quota" in etype:
+        return FatalError(detail, kind="quota_exceeded", **kw)
+    if avail is not None and avail.get("retryable") is False:
+        kind = "model_not_found" if avail.get("code") in ("model_not_found", "model_deprecated") else "model_unavailable"
+        return FallbackError(detail, kind=kind, **kw)
+    if status == 429:
+        return RateLimited(detail, **kw)
+    if status in (401, 402) or (status == 403 and not any(w in words for w in _FILTER_WORDS)):
+        kind = {401: "auth", 402: "payment_required", 403: "forbidden"}[status]
+        return FatalError(detail, kind=kind, **kw)
+    if any(w in words for w in _CONTEXT_WORDS):
+        return FallbackError(detail, kind="context_length", **kw)
+    if any(w in words for w in _FILTER_WORDS):
+        return FallbackError(detail, kind="content_filter", **kw)
+    if status == 404 or "model_not_found" in words or "model_deprecated" in words:
+        return FallbackError(detail, kind="model_not_found", **kw)
+    if status in (408, 504):
+        return TransientError(detail, kind="timeout", **kw)
+    if status == 409 or status >= 500 or status == 200:
+        return TransientError(detail, kind="upstream_error" if status == 200 else "server_error", **kw)
+    return RejectedError(detail, kind="bad_request", **kw)
+
+
+def parse_duration(value: str) -> float | None:
+    """Seconds from a Go-style duration (``1s``, ``6m0s``, ``12ms``, ``1.5s``) or a bare number."""
+    value = value.strip()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    parts = _DURATION_RE.findall(value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        return None
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def retry_after(headers: Mapping[str, str], err: Mapping[str, Any], message: str) -> float | None:
+    """How long the provider asked us to wait, from the most precise source it gave."""
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    if (ra := headers.get("retry-after")) is not None:
+        try:
+            return max(0.0, float(ra))
+        except ValueError:
+            try:
+                return max(0.0, parsedate_to_datetime(ra).timestamp() - time.time())
+            except (TypeError, ValueError):
+                pass
+    avail = err.get("availability")
+    if isinstance(avail, dict) and isinstance(avail.get("retry_after"), (int, float)):
+        return float(avail["retry_after"])
+    resets = [parse_duration(headers[h]) for h in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+              if h in headers]
+    resets = [r for r in resets if r is not None]
+    if resets:
+        return max(resets)
+    if m := _TRY_AGAIN_RE.search(message):
+        return float(m.group(1)) / (1000 if m.group(2).lower() == "ms" else 1)
+    return None
+
+
+def rate_info(headers: Mapping[str, str]) -> RateInfo | None:
+    """x-ratelimit-* headers of a response, or None when it sent none (the common case)."""
+    rr = headers.get("x-ratelimit-remaining-requests")
+    rt = headers.get("x-ratelimit-remaining-tokens")
+    if rr is None and rt is None:
+        return None
+
+    def num(name: str) -> float | None:
+        v = headers.get(name)
+        try:
+            return float(v) if v is not None else None
+        except ValueError:
+            return None
+
+    def dur(name: str) -> float | None:
+        v = headers.get(name)
+        return parse_duration(v) if v is not None else None
+
+    return RateInfo(
+        remaining_requests=num("x-ratelimit-remaining-requests"),
+        remaining_tokens=num("x-ratelimit-remaining-tokens"),
+        reset_requests=dur("x-ratelimit-reset-requests"),
+        reset_tokens=dur("x-ratelimit-reset-tokens"),
+        limit_requests=num("x-ratelimit-limit-requests"),
+        limit_tokens=num("x-ratelimit-limit-tokens"),
+    )

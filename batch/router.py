@@ -1,0 +1,273 @@
+"""Stage 6: a ``Request`` -> a ``Result``: retry, fallback, circuit breakers.
+
+For each model of the chain in order, up to ``max_attempts`` attempts:
+
+- ``TransientError`` (timeouts, resets, 5xx, bad bodies): back off with full
+  jitter, or exactly as long as the provider asked; then retry.
+- ``RateLimited`` (429): pause the whole model and wait; this does not use up
+  the row's attempts (being throttled is not the row's fault), up to
+  ``max_rate_limit_waits``.
+- ``FallbackError`` / ``RejectedError``: go to the next model at once.
+- ``FatalError`` (bad key, no credits): stop the run; the row gets *no*
+  result, so a resume redoes it.
+
+A ``Breaker`` per model skips a model that keeps failing for a cool-down and
+then lets one probe through. This module consumes ProviderErrors; it never
+raises them. ``RunStopped`` tells the worker to drop the row unrecorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import aiohttp
+import orjson
+
+from batch.errors import FallbackError, FatalError, ProviderError, RateLimited, RejectedError, TransientError
+from batch.limits import ModelLimiter
+from batch.prompts import Request
+from batch.provider import Endpoint, Reply, send
+from batch.stats import ModelStats
+
+
+class RunStopped(Exception):
+    """The run is stopping (fatal provider error, budget): leave the row for a resume."""
+
+
+class Result(NamedTuple):
+    """One output row; field names are the output columns.
+
+    A NamedTuple rather than a frozen dataclass: it is built once per row on
+    the hot path (about 4x cheaper to construct) and the sink transposes a
+    part's rows into columns with one ``zip(*rows)``.
+    """
+
+    id: str
+    status: str  # "ok" | "error"
+    output: str | None
+    finish_reason: str | None
+    model: str | None
+    provider: str | None
+    fallback_level: int | None
+    attempts: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cost_usd: float | None
+    cost_source: str | None  # "provider" | "price_table" | None
+    latency_ms: float | None
+    error_type: str | None
+    error_message: str | None
+    request_hash: str
+    keep: tuple[Any, ...]
+
+
+class Breaker:
+    """Consecutive-failure circuit breaker with a single half-open probe.
+
+    closed --(``threshold`` consecutive failures)--> open --(cool-down)-->
+    half-open: one probe goes through; success closes, failure reopens.
+    """
+
+    def __init__(self, threshold: int, cooldown: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.clock = clock
+        self.failures = 0
+        self.open_until = 0.0
+        self.probing = False
+        self.opened = 0  # how many times it opened; for stats and tests
+
+    @property
+    def is_open(self) -> bool:
+        return self.failures >= self.threshold
+
+    def allow(self) -> bool:
+        """May a request go to this model now? Claims the probe when half-open."""
+        if self.failures < self.threshold:
+            return True
+        if self.probing or self.clock() < self.open_until:
+            return False
+        self.probing = True
+        return True
+
+    def success(self) -> None:
+        self.failures = 0
+        self.probing = False
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold and (self.probing or self.failures == self.threshold):
+            self.open_until = self.clock() + self.cooldown
+            self.opened += 1
+        self.probing = False
+
+    def release(self) -> None:
+        """A probe ended without a verdict (e.g. rate limited): let another probe."""
+        self.probing = False
+
+    def seconds_to_probe(self) -> float:
+        return max(0.05, self.open_until - self.clock())
+
+
+@dataclass(slots=True)
+class Target:
+    """One model of the chain, with everything needed to call it."""
+
+    level: int
+    model: str
+    provider: str
+    model_json: bytes
+    endpoint: Endpoint
+    limiter: ModelLimiter
+    breaker: Breaker
+    stats: ModelStats
+    price_in: float | None  # USD per token
+    price_out: float | None
+
+    def cost_of(self, reply: Reply) -> tuple[float | None, str | None]:
+        if reply.cost is not None:
+            return reply.cost, "provider"
+        if self.price_in is not None and self.price_out is not None:
+            return reply.prompt_tokens * self.price_in + reply.completion_tokens * self.price_out, "price_table"
+        return None, None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    max_attempts: int
+    timeout: float
+    fallback: bool
+    backoff_base: float
+    backoff_max: float
+    max_rate_limit_waits: int
+    max_tokens: int  # completion reserve for the token budget
+
+
+class Router:
+    def __init__(self, session: aiohttp.ClientSession, targets: Sequence[Target], policy: Policy,
+                 on_fatal: Callable[[FatalError], None]) -> None:
+        self.session = session
+        self.targets = list(targets) if policy.fallback else list(targets)[:1]
+        self.policy = policy
+        self.on_fatal = on_fatal
+        self.stopping = False
+        self.last_success = time.monotonic()
+
+    async def route(self, req: Request) -> Result:
+        if req.problem is not None:
+            return _error(req, req.problem[0], req.problem[1], attempts=0)
+        attempts = 0
+        last: ProviderError | None = None
+        final = len(self.targets) - 1
+        for t in self.targets:
+            if t.level > 0:
+                t.stats.fallbacks_in += 1
+            reply, sent, last = await self._attempts(req, t, last, is_last=t.level == final)
+            attempts += sent
+            if reply is not None:
+                return self._ok(req, t, reply, attempts)
+        assert last is not None
+        return _error(req, last.kind, str(last), attempts=attempts, level=final, model=last.model)
+
+    async def _attempts(self, req: Request, t: Target, last: ProviderError | None, *, is_last: bool
+                        ) -> tuple[Reply | None, int, ProviderError | None]:
+        """Up to max_attempts tries at one model; returns (reply, requests sent, last error).
+
+        Every attempt asks the breaker first and reports its outcome after
+        (success, failure, or release for outcomes that say nothing of health).
+        """
+        p = self.policy
+        tries = sent = waits = 0
+        body = req.body_for(t.model_json)
+        while tries < p.max_attempts:
+            self._check_stop()
+            if not t.breaker.allow():
+                if not is_last:
+                    return None, sent, last or TransientError("circuit open", model=t.model, kind="circuit_open")
+                await asyncio.sleep(t.breaker.seconds_to_probe())  # nowhere else to go: wait for the probe
+                continue
+            try:
+                await t.limiter.acquire(req.prompt_tokens + p.max_tokens)
+                self._check_stop()
+            except BaseException:
+                t.breaker.release()
+                raise
+            sent += 1
+            t.stats.requests += 1
+            try:
+                reply = await send(self.session, t.endpoint, t.model, body, p.timeout)
+            except RateLimited as e:
+                t.breaker.release()
+                t.stats.rate_limited += 1
+                t.limiter.pause(e.retry_after if e.retry_after is not None else self._backoff(waits))
+                waits += 1
+                last = e
+                if waits > p.max_rate_limit_waits:
+                    t.stats.errors[e.kind] += 1
+                    return None, sent, e
+                continue
+            except TransientError as e:
+                t.breaker.failure()
+                t.stats.errors[e.kind] += 1
+                tries += 1
+                last = e
+                if tries < p.max_attempts:
+                    t.stats.retries += 1
+                    await asyncio.sleep(self._backoff(tries - 1, e.retry_after))
+                continue
+            except (FallbackError, RejectedError) as e:
+                t.breaker.release()
+                t.stats.errors[e.kind] += 1
+                return None, sent, e
+            except FatalError as e:
+                t.breaker.release()
+                t.stats.errors[e.kind] += 1
+                self.stopping = True
+                self.on_fatal(e)
+                raise RunStopped(str(e)) from None
+            except BaseException:
+                t.breaker.release()
+                raise
+            t.breaker.success()
+            self.last_success = time.monotonic()
+            return reply, sent, last
+        return None, sent, last
+
+    def _backoff(self, retry: int, retry_after: float | None = None) -> float:
+        """Full jitter, capped; exactly the provider's wish when it stated one."""
+        if retry_after is not None:
+            return min(retry_after, self.policy.backoff_max * 4)
+        cap = min(self.policy.backoff_max, self.policy.backoff_base * (2 ** retry))
+        return random.uniform(0, cap)
+
+    def _check_stop(self) -> None:
+        if self.stopping:
+            raise RunStopped("run is stopping")
+
+    def _ok(self, req: Request, t: Target, reply: Reply, attempts: int) -> Result:
+        cost, source = t.cost_of(reply)
+        s = t.stats
+        s.ok += 1
+        s.prompt_tokens += reply.prompt_tokens
+        s.completion_tokens += reply.completion_tokens
+        if cost is not None:
+            s.cost_usd += cost
+        s.latencies.append(reply.latency_ms)
+        return Result(req.id, "ok", reply.text, reply.finish_reason, reply.model, t.provider, t.level,
+                      attempts, reply.prompt_tokens, reply.completion_tokens, cost, source,
+                      round(reply.latency_ms, 3), None, None, req.request_hash, req.keep)
+
+
+def _error(req: Request, kind: str, message: str, *, attempts: int, level: int | None = None,
+           model: str | None = None) -> Result:
+    return Result(req.id, "error", None, None, model or None, None, level, attempts, None, None, None, None,
+                  None, kind, message, req.request_hash, req.keep)
+
+
+def model_json(model: str) -> bytes:
+    return orjson.dumps(model)

@@ -1,0 +1,379 @@
+"""Wires the stages: reader -> bounded queue -> workers -> sink; progress; signals.
+
+::
+
+    plan.scan (blocking checks, nothing sent)
+    read_batches -> PromptBuilder.build -> Queue(2 x concurrency)
+        -> N workers: Router.route -> Sink.add -> parts (writer thread)
+    monitor: flush timer, progress, stop conditions
+    end: drain sink, stats.parquet, manifest, summary
+
+Only this module sees the whole Job. Exit codes: 0 every row ok, 1 some
+``error`` rows, 2 invalid job or input (nothing sent), 3 stopped early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batch.catalog import SIM_BASE_URL, facts_for
+from batch.errors import FatalError, InputError, OutputError
+from batch.job import Job
+from batch.limits import ModelLimiter
+from batch.plan import Plan, describe_changes, fingerprint, make_plan, scan
+from batch.progress import Progress, Tally
+from batch.provider import Endpoint, make_endpoint, open_session
+from batch.router import Breaker, Policy, Result, Router, RunStopped, Target, model_json
+from batch.sim import SimConfig, Simulator
+from batch.sinks import RESULTS_DIR, Ledger, Sink, part_files, read_manifest, result_schema, write_manifest
+from batch.stats import ModelStats, Usage, append_stats, stats_rows
+
+GRACE_SECONDS = 30.0
+MONITOR_SECONDS = 0.25
+EXIT_OK, EXIT_ERRORS, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunOptions:
+    retry_errors: bool = False
+    force: bool = False
+    fresh: bool = False
+    limit: int | None = None
+    quiet: bool = False
+    grace_seconds: float = GRACE_SECONDS
+
+
+@dataclass(slots=True)
+class Summary:
+    """What a run did; ``exit_code`` follows DESIGN.md."""
+
+    out_dir: Path
+    exit_code: int = EXIT_OK
+    stop_reason: str | None = None
+    rows_total: int = 0  # result rows in the dataset after this run
+    rows_ok: int = 0
+    rows_error: int = 0
+    rows_this_run: int = 0
+    rows_skipped: int = 0  # already answered by an earlier run
+    wall_seconds: float = 0.0
+    per_model: dict[tuple[str, str], Usage] = field(default_factory=dict)
+
+    @property
+    def usage(self) -> Usage:
+        return sum(self.per_model.values(), Usage())
+
+
+class _Stop:
+    """Why and how the run stops; set once, read by every task."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.hard = False
+        self.event = asyncio.Event()
+        self.hard_event = asyncio.Event()
+
+    def request(self, reason: str, *, hard: bool = False) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.event.set()
+        if hard:
+            self.hard = True
+            self.hard_event.set()
+
+
+def prepare_output(job: Job, plan: Plan, options: RunOptions) -> dict[str, object]:
+    """Check the output directory against this job; returns the manifest to continue."""
+    out = job.output.path
+    if options.fresh:
+        shutil.rmtree(out / RESULTS_DIR, ignore_errors=True)
+        for name in ("manifest.json", "stats.parquet"):
+            (out / name).unlink(missing_ok=True)
+    fp = fingerprint(job)
+    manifest = read_manifest(out)
+    if manifest is None:
+        if part_files(out / RESULTS_DIR) and not options.force:
+            raise OutputError(f"{out}: holds results but no manifest.json; use --force to add to them "
+                              f"or --fresh to start over")
+        return {"fingerprint": fp, "runs": []}
+    changes = describe_changes(manifest.get("fingerprint", {}), fp)
+    if changes and not options.force:
+        raise OutputError(f"{out}: holds answers to a different job; changed since: " + "; ".join(changes)
+                          + ". Rerun with --force to mix them anyway, --fresh to start over, or use another "
+                          "output.path")
+    manifest["fingerprint"] = fp
+    return manifest
+
+
+def _targets(job: Job, sim_url: str | None) -> list[Target]:
+    endpoints: dict[str, Endpoint] = {}
+    targets = []
+    for level, m in enumerate(job.models):
+        spec = job.provider_of(m)
+        if m.provider not in endpoints:
+            base = sim_url if spec.base_url == SIM_BASE_URL and sim_url else spec.base_url
+            endpoints[m.provider] = make_endpoint(spec.name, base, spec.api_key_env, spec.headers)
+        facts = facts_for(m.model)
+        p_in = m.price_input_per_million if m.price_input_per_million is not None else (
+            facts.price_input_per_million if facts else None)
+        p_out = m.price_output_per_million if m.price_output_per_million is not None else (
+            facts.price_output_per_million if facts else None)
+        targets.append(Target(
+            level=level, model=m.model, provider=m.provider, model_json=model_json(m.model),
+            endpoint=endpoints[m.provider], limiter=ModelLimiter(m.requests_per_minute, m.tokens_per_minute),
+            breaker=Breaker(job.run.breaker_failures, job.run.breaker_cooldown_seconds),
+            stats=ModelStats(m.label),
+            price_in=p_in / 1e6 if p_in is not None else None,
+            price_out=p_out / 1e6 if p_out is not None else None,
+        ))
+    return targets
+
+
+@contextlib.asynccontextmanager
+async def _maybe_sim(job: Job) -> AsyncIterator[str | None]:
+    if any(job.providers[m.provider].base_url == SIM_BASE_URL for m in job.models):
+        async with Simulator(SimConfig.from_options(job.sim.options)) as sim:
+            yield sim.base_url
+    else:
+        yield None
+
+
+async def run_async(job: Job, options: RunOptions = RunOptions()) -> Summary:
+    """Run a job to completion or to a stop; never raises for row-level failures."""
+    started = time.monotonic()
+    for m in job.models:  # a missing key is an invalid job: say so before reading anything
+        spec = job.provider_of(m)
+        make_endpoint(spec.name, spec.base_url, spec.api_key_env, spec.headers)
+    plan = make_plan(job)
+    report = scan(plan)
+    if report.blocking:
+        raise InputError(f"{job.input.path}: " + "; ".join(report.blocking) + " — ids must be unique")
+    if job.run.on_bad_row == "fail" and report.bad_rows:
+        raise InputError(f"{job.input.path}: {report.bad_rows} rows cannot be sent, e.g. "
+                         + "; ".join(report.bad_examples))
+    out = job.output.path
+    manifest = prepare_output(job, plan, options)
+    ledger = Ledger.read(out)
+    summary = Summary(out_dir=out)
+    for name in ledger.damaged:
+        print(f"warning: {out / RESULTS_DIR / name} is damaged and was set aside; its rows will be redone",
+              file=sys.stderr)
+        (out / RESULTS_DIR / name).rename(out / RESULTS_DIR / f".{name}.damaged")
+    skip = ledger.skip_set(options.retry_errors)
+    summary.rows_skipped = min(len(skip), report.rows)
+    to_do = report.rows - summary.rows_skipped
+    if options.limit is not None:
+        to_do = min(to_do, options.limit)
+    progress = Progress(to_do, quiet=options.quiet)
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    history = manifest.setdefault("runs", [])
+    assert isinstance(history, list)
+    entry: dict[str, object] = {"run_id": run_id, "started": _now(), "ended": None, "outcome": "running"}
+    history.append(entry)
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, manifest)
+
+    stop = _Stop()
+    tally = Tally()
+    async with _maybe_sim(job) as sim_url:
+        targets = _targets(job, sim_url)
+
+        def on_fatal(e: FatalError) -> None:
+            stop.request(f"the provider refused the run: {e}. Fix this, then rerun the same command to resume.")
+
+        async with open_session(job.run.concurrency) as session, Sink(
+            out, result_schema(plan.keep_types), flush_rows=job.output.flush_rows,
+            flush_seconds=job.output.flush_seconds,
+        ) as sink:
+            policy = Policy(max_attempts=job.run.max_attempts, timeout=job.run.timeout_seconds,
+                            fallback=job.run.fallback, backoff_base=job.run.backoff_base_seconds,
+                            backoff_max=job.run.backoff_max_seconds,
+                            max_rate_limit_waits=job.run.max_rate_limit_waits, max_tokens=plan.max_tokens)
+            router = Router(session, targets, policy, on_fatal)
+            await _pump(job, plan, skip, options, router, sink, stop, tally, progress, targets)
+            await sink.drain()
+            if sink.error is not None:
+                stop.request(str(sink.error))
+        progress.close(tally)
+
+    wall = time.monotonic() - started
+    summary.per_model = {(t.provider, t.model): t.stats.freeze(wall) for t in targets}
+    summary.wall_seconds = wall
+    summary.rows_this_run = tally.done
+    final = Ledger.read(out)
+    summary.rows_ok, summary.rows_error = len(final.ok), len(final.error)
+    summary.rows_total = summary.rows_ok + summary.rows_error
+    summary.stop_reason = stop.reason
+    expected = report.rows - (report.bad_rows if job.run.on_bad_row == "skip" else 0)
+    if stop.reason is not None or (options.limit is None and summary.rows_total < expected):
+        summary.exit_code = EXIT_STOPPED
+        summary.stop_reason = stop.reason or f"{expected - summary.rows_total} rows have no result yet; rerun to resume"
+    elif summary.rows_error:
+        summary.exit_code = EXIT_ERRORS
+    try:
+        append_stats(out, stats_rows(run_id, summary.per_model))
+    except OSError as exc:
+        progress.message(f"warning: could not write stats.parquet: {exc}")
+    entry.update(ended=_now(), outcome="stopped" if stop.reason else "completed", stop_reason=stop.reason,
+                 rows_this_run=tally.done, rows_ok=summary.rows_ok, rows_error=summary.rows_error,
+                 exit_code=summary.exit_code)
+    write_manifest(out, manifest)
+    return summary
+
+
+async def _pump(job: Job, plan: Plan, skip: pa.Array, options: RunOptions, router: Router, sink: Sink,
+                stop: _Stop, tally: Tally, progress: Progress, targets: list[Target]) -> None:
+    """Run reader, workers and monitor until the input is exhausted or the run stops."""
+    n = job.run.concurrency
+    queue: asyncio.Queue[object] = asyncio.Queue(maxsize=2 * n)
+    done_sentinel = object()
+    skip_bad = job.run.on_bad_row == "skip"
+
+    async def reader() -> None:
+        budget = options.limit
+        for batch in plan.batches():
+            ids = plan.builder.ids(batch)
+            mask = None
+            if len(skip):
+                mask = pc.is_in(pa.array(ids, pa.string()), value_set=skip).to_pylist()
+            for req in plan.builder.build(batch, ids, mask):
+                if stop.reason is not None or budget == 0:
+                    break
+                await queue.put(req)
+                if budget is not None:
+                    budget -= 1
+            if stop.reason is not None or budget == 0:
+                break
+            await asyncio.sleep(0)  # let workers run between batches
+        for _ in range(n):
+            await queue.put(done_sentinel)
+
+    async def worker() -> None:
+        while True:
+            req = await queue.get()
+            if req is done_sentinel or stop.reason is not None:
+                return
+            if skip_bad and req.problem is not None:  # type: ignore[attr-defined]
+                continue
+            try:
+                result = await router.route(req)  # type: ignore[arg-type]
+            except RunStopped:
+                continue  # not recorded: a resume redoes this row
+            except Exception as exc:  # a bug in batch, not a provider failure: never retried
+                progress.message("internal error:\n" + "".join(traceback.format_exception(exc)))
+                result = Result(req.id, "error", None, None, None, None, None, 0, None, None, None, None,  # type: ignore[attr-defined]
+                                None, "internal", f"{type(exc).__name__}: {exc}", req.request_hash, req.keep)  # type: ignore[attr-defined]
+            sink.add(result)
+            tally.done += 1
+            if result.status == "ok":
+                tally.ok += 1
+                if result.cost_usd is not None:
+                    tally.cost_usd += result.cost_usd
+            else:
+                tally.errors += 1
+            if job.run.max_cost_usd is not None and tally.cost_usd >= job.run.max_cost_usd:
+                stop.request(f"budget reached: ${tally.cost_usd:.4f} of max_cost_usd ${job.run.max_cost_usd}. "
+                             "Raise max_cost_usd and rerun to resume.")
+
+    async def monitor() -> None:
+        while True:
+            await asyncio.sleep(MONITOR_SECONDS)
+            sink.flush_if_due()
+            if sink.error is not None:
+                stop.request(str(sink.error))
+            held = [f"{t.model} {'paused' if t.limiter.paused else 'at limit'}"
+                    for t in targets if t.limiter.waiting]
+            progress.update(tally, ", ".join(held))
+
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal() -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            stop.request("interrupted; rerun the same command to resume")
+            progress.message(f"stopping: finishing requests in flight (up to {options.grace_seconds:g}s); "
+                             "press Ctrl-C again to stop at once")
+        else:
+            stop.request("interrupted", hard=True)
+
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal)
+            installed.append(sig)
+    read_task = asyncio.create_task(reader())
+    workers = [asyncio.create_task(worker()) for _ in range(n)]
+    mon = asyncio.create_task(monitor())
+    try:
+        await _supervise(read_task, workers, queue, done_sentinel, stop, router, options)
+        await asyncio.gather(read_task, return_exceptions=True)
+    finally:
+        mon.cancel()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await asyncio.gather(mon, return_exceptions=True)
+
+
+async def _supervise(read_task: asyncio.Task[None], workers: list[asyncio.Task[None]],
+                     queue: asyncio.Queue[object], sentinel: object, stop: _Stop, router: Router,
+                     options: RunOptions) -> None:
+    """Wait for the workers; on a stop, give in-flight rows a grace period, then cancel.
+
+    The reader puts one sentinel per worker when the input ends. On a stop the
+    reader is cancelled, rows not yet started are dropped from the queue (a
+    resume redoes them), and sentinels are put without waiting (the queue is
+    empty then, and holds 2 x workers).
+    """
+    pending: set[asyncio.Task[None]] = set(workers)
+    deadline: float | None = None
+    while pending:
+        if stop.reason is not None and deadline is None:
+            deadline = time.monotonic() + options.grace_seconds
+            read_task.cancel()
+            await asyncio.gather(read_task, return_exceptions=True)
+            while not queue.empty():
+                queue.get_nowait()
+            for _ in workers:
+                queue.put_nowait(sentinel)
+        if stop.hard or (deadline is not None and time.monotonic() >= deadline):
+            router.stopping = True
+            for w in pending:
+                w.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            return
+        waiter = asyncio.create_task((stop.hard_event if stop.reason else stop.event).wait())
+        watch: set[asyncio.Task[object]] = {*pending, waiter, read_task}  # type: ignore[arg-type]
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, _ = await asyncio.wait(watch, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        pending -= done  # type: ignore[operator]
+        if read_task in done and not read_task.cancelled() and read_task.exception() is not None:
+            stop.request(f"cannot read input: {read_task.exception()}")
+
+
+async def _never() -> None:
+    await asyncio.Event().wait()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run(job: Job, **options: object) -> Summary:
+    """Run a job from synchronous code (scripts, notebooks): ``batch.run(batch.load_job(p))``."""
+    return asyncio.run(run_async(job, RunOptions(**options)))  # type: ignore[arg-type]

@@ -1,0 +1,326 @@
+"""An OpenAI-compatible chat-completions server for tests, demos and CI.
+
+It imitates what batch meets on the wire from OpenRouter and OpenAI, on
+127.0.0.1, with no key and no cost:
+
+- ``POST /v1/chat/completions`` (also under ``/api/v1``) answers
+  deterministically from the prompt: if the last user message offers choices
+  as ``(a/b/c)`` it picks one by a hash of the message, else it answers
+  ``"sim <hash> <first words>"``. ``max_tokens`` truncates the answer and sets
+  ``finish_reason: "length"``.
+- ``usage`` counts tokens with a stand-in tokenizer (words split into pieces
+  of at most four characters, each punctuation mark one token, plus OpenAI's
+  per-message framing), and reports ``usage.cost`` as OpenRouter does, from
+  the built-in price table (unknown models: $1 / $2 per million).
+- ``GET /v1/models`` lists models with ``context_length`` and per-token
+  ``pricing`` strings, as OpenRouter does.
+
+It does **not** imitate streaming, tools, real model quality, or provider
+routing. Knobs (``SimConfig``) add latency; later stages add rate limits and
+faults. The server counts what it saw (``SimCounters``) so tests can assert
+server-side facts instead of timings.
+
+Use::
+
+    async with Simulator(SimConfig(latency_ms=20)) as sim:
+        ...  # sim.base_url == "http://127.0.0.1:PORT/v1"
+
+    with SimThread(SimConfig()) as sim:   # from synchronous code and tests
+        ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from batch.catalog import facts_for
+
+DEFAULT_CONTEXT_WINDOW = 32_768
+DEFAULT_PRICES = (1.0, 2.0)  # USD per million input / output tokens
+_TOKEN_RE = re.compile(r"\w{1,4}|[^\w\s]")
+_CHOICES_RE = re.compile(r"\(([\w-]+(?:/[\w-]+)+)\)")
+
+
+@dataclass(slots=True)
+class SimConfig:
+    """What the simulator does; every field has a safe default.
+
+    Attributes:
+        latency_ms: mean delay before each answer.
+        latency_jitter_ms: uniform +/- spread around the mean.
+        seed: seeds every random choice, so a run is reproducible.
+        api_key: when set, requests must carry ``Bearer <api_key>`` (else 401).
+        context_windows: per-model context window (default: the catalog, else 32,768).
+        models: when non-empty, the only models that exist (others get 404).
+    """
+
+    latency_ms: float = 0.0
+    latency_jitter_ms: float = 0.0
+    seed: int = 0
+    api_key: str | None = None
+    context_windows: dict[str, int] = field(default_factory=dict)
+    models: tuple[str, ...] = ()
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> SimConfig:
+        """Build from a job's ``[sim]`` table (already validated by job.py)."""
+        known = {k: v for k, v in options.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass(slots=True)
+class SimCounters:
+    """What the server received and sent; read them after (or during) a run."""
+
+    requests: int = 0
+    by_model: Counter[str] = field(default_factory=Counter)
+    by_prompt: Counter[str] = field(default_factory=Counter)  # hash of the last message
+    statuses: Counter[int] = field(default_factory=Counter)
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def count_tokens(text: str) -> int:
+    """The simulator's stand-in tokenizer (see the module docstring)."""
+    return len(_TOKEN_RE.findall(text))
+
+
+def prompt_key(messages: list[dict[str, Any]]) -> str:
+    """The key under which the simulator counts a prompt: its last message."""
+    content = messages[-1].get("content") if messages else ""
+    text = content if isinstance(content, str) else orjson.dumps(content).decode()
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def answer_for(messages: list[dict[str, Any]]) -> str:
+    """The deterministic answer to a prompt, before any max_tokens truncation."""
+    last = ""
+    for m in reversed(messages):
+        if m.get("role") == "user" and isinstance(m.get("content"), str):
+            last = m["content"]
+            break
+    digest = hashlib.blake2b(last.encode(), digest_size=8).digest()
+    choices = _CHOICES_RE.search(last)
+    if choices:
+        options = choices.group(1).split("/")
+        return options[int.from_bytes(digest[:4], "big") % len(options)]
+    words = " ".join(last.split()[:6])
+    return f"sim {digest.hex()[:8]} {words}".strip()
+
+
+def truncate(text: str, max_tokens: int | None) -> tuple[str, str]:
+    """Cut ``text`` to ``max_tokens`` sim tokens; returns (text, finish_reason)."""
+    if max_tokens is None:
+        return text, "stop"
+    pieces = list(_TOKEN_RE.finditer(text))
+    if len(pieces) <= max_tokens:
+        return text, "stop"
+    end = pieces[max_tokens - 1].end() if max_tokens > 0 else 0
+    return text[:end], "length"
+
+
+def usage_for(messages: list[dict[str, Any]], completion: str, model: str) -> dict[str, Any]:
+    prompt = 3
+    for m in messages:
+        content = m.get("content")
+        text = content if isinstance(content, str) else orjson.dumps(content).decode()
+        prompt += 4 + count_tokens(text)
+    completion_tokens = count_tokens(completion)
+    facts = facts_for(model)
+    p_in, p_out = (facts.price_input_per_million, facts.price_output_per_million) if facts else DEFAULT_PRICES
+    cost = (prompt * p_in + completion_tokens * p_out) / 1_000_000
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt + completion_tokens,
+        "cost": round(cost, 12),
+    }
+
+
+def _error(status: int, message: str, code: Any, headers: Mapping[str, str] | None = None) -> web.Response:
+    body = {"error": {"code": code, "message": message}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
+                        headers=headers)
+
+
+class Simulator:
+    """The server; an async context manager bound to 127.0.0.1 on a free port."""
+
+    def __init__(self, config: SimConfig | None = None, *, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.config = config or SimConfig()
+        self.counters = SimCounters()
+        self.host = host
+        self.port = port
+        self._rng = random.Random(self.config.seed)
+        self._runner: web.AppRunner | None = None
+        self._serial = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        for prefix in ("/v1", "/api/v1"):
+            app.router.add_post(prefix + "/chat/completions", self._chat)
+            app.router.add_get(prefix + "/models", self._models)
+        return app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
+        await site.start()
+        server = site._server
+        assert server is not None and hasattr(server, "sockets")
+        self.port = server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- handlers --------------------------------------------------------------
+
+    async def _models(self, request: web.Request) -> web.Response:
+        names = self.config.models or ("openai/gpt-3.5-turbo",)
+        data = []
+        for name in names:
+            facts = facts_for(name)
+            p_in, p_out = (facts.price_input_per_million, facts.price_output_per_million) if facts else DEFAULT_PRICES
+            data.append({
+                "id": name,
+                "context_length": self._context_window(name),
+                "pricing": {"prompt": f"{p_in / 1e6:.10f}", "completion": f"{p_out / 1e6:.10f}"},
+            })
+        return web.Response(body=orjson.dumps({"data": data}), content_type="application/json")
+
+    def _context_window(self, model: str) -> int:
+        if model in self.config.context_windows:
+            return self.config.context_windows[model]
+        facts = facts_for(model)
+        return facts.context_window if facts else DEFAULT_CONTEXT_WINDOW
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        c = self.counters
+        c.requests += 1
+        c.in_flight += 1
+        c.peak_in_flight = max(c.peak_in_flight, c.in_flight)
+        try:
+            response = await self._answer(request)
+        finally:
+            c.in_flight -= 1
+        c.statuses[response.status] += 1
+        return response
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        cfg = self.config
+        if cfg.api_key is not None and request.headers.get("Authorization") != f"Bearer {cfg.api_key}":
+            return _error(401, "No auth credentials found or the key is invalid", 401)
+        try:
+            body = orjson.loads(await request.read())
+            model = body["model"]
+            messages = body["messages"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return _error(400, "request body must be JSON with model and messages", 400)
+        self.counters.by_model[model] += 1
+        self.counters.by_prompt[prompt_key(messages)] += 1
+        if cfg.models and model not in cfg.models:
+            return _error(404, f"model {model} does not exist", 404)
+        delay = cfg.latency_ms + (self._rng.uniform(-1, 1) * cfg.latency_jitter_ms if cfg.latency_jitter_ms else 0)
+        if delay > 0:
+            await asyncio.sleep(delay / 1000)
+        text, finish = truncate(answer_for(messages), body.get("max_tokens"))
+        usage = usage_for(messages, text, model)
+        window = self._context_window(model)
+        if usage["prompt_tokens"] + (body.get("max_tokens") or 0) > window:
+            return _error(400, f"This model's maximum context length is {window} tokens. "
+                          f"However, you requested {usage['prompt_tokens']} tokens.", "context_length_exceeded")
+        self.counters.prompt_tokens += usage["prompt_tokens"]
+        self.counters.completion_tokens += usage["completion_tokens"]
+        self._serial += 1
+        reply = {
+            "id": f"gen-sim-{self._serial}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "provider": "Sim",
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish,
+                "native_finish_reason": finish,
+            }],
+            "usage": usage,
+        }
+        return web.Response(body=orjson.dumps(reply), content_type="application/json")
+
+
+class SimThread:
+    """Runs a Simulator on its own event loop in a daemon thread.
+
+    For synchronous callers: tests that drive ``batch run`` as a subprocess,
+    notebooks. ``counters`` are plain ints and Counters updated on the
+    server's loop; read them after the work you measure has finished.
+    """
+
+    def __init__(self, config: SimConfig | None = None, *, port: int = 0) -> None:
+        self.sim = Simulator(config, port=port)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="batch-sim", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return self.sim.base_url
+
+    @property
+    def counters(self) -> SimCounters:
+        return self.sim.counters
+
+    @property
+    def config(self) -> SimConfig:
+        return self.sim.config
+
+    def __enter__(self) -> SimThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.sim.start(), self._loop).result(timeout=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self.sim.close(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+async def serve(config: SimConfig, port: int) -> None:
+    """Run until cancelled (``batch sim``)."""
+    async with Simulator(config, port=port) as sim:
+        print(f"batch sim listening on {sim.base_url}  (Ctrl-C stops)", flush=True)
+        await asyncio.Event().wait()

@@ -1,0 +1,231 @@
+"""Stage 7: ``Result``s -> Parquet part files, the resume ledger, the manifest.
+
+Parts are written by one background thread (never on the event loop), each
+atomically: temporary file, fsync, rename, fsync of the directory. A crash
+loses at most the rows not yet flushed, and never leaves a half-written file
+under a ``part-*.parquet`` name. Rows become Arrow columns once per part.
+
+The ledger reads ``id`` and ``status`` of existing parts so that a rerun
+skips ids already answered; it stays in Arrow (no Python set per id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batch.errors import OutputError
+from batch.router import Result
+
+RESULTS_DIR = "results"
+MANIFEST = "manifest.json"
+_PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+
+BASE_FIELDS: list[tuple[str, pa.DataType]] = [
+    ("id", pa.string()), ("status", pa.string()), ("output", pa.string()), ("finish_reason", pa.string()),
+    ("model", pa.string()), ("provider", pa.string()), ("fallback_level", pa.int32()),
+    ("attempts", pa.int32()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
+    ("cost_usd", pa.float64()), ("cost_source", pa.string()), ("latency_ms", pa.float64()),
+    ("error_type", pa.string()), ("error_message", pa.string()), ("request_hash", pa.string()),
+]
+
+
+def result_schema(keep: Sequence[tuple[str, pa.DataType]]) -> pa.Schema:
+    names = {n for n, _ in BASE_FIELDS}
+    extra = [(f"input_{n}" if n in names else n, t) for n, t in keep]
+    return pa.schema(BASE_FIELDS + extra)
+
+
+def fsync_dir(path: Path) -> None:
+    if sys.platform == "win32":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _to_table(rows: list[Result], schema: pa.Schema) -> pa.Table:
+    columns = list(zip(*rows))  # one C-level transpose per part, not per row
+    arrays = [pa.array(columns[i], type=schema.field(i).type) for i in range(len(BASE_FIELDS))]
+    keeps = list(zip(*columns[len(BASE_FIELDS)])) if rows and rows[0].keep else []
+    for k in range(len(schema) - len(BASE_FIELDS)):
+        field = schema.field(len(BASE_FIELDS) + k)
+        values: Sequence[Any] = keeps[k] if keeps else [None] * len(rows)
+        if pa.types.is_string(field.type):
+            values = [v if v is None or isinstance(v, str) else orjson.dumps(v).decode() for v in values]
+        arrays.append(pa.array(values, type=field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+class Sink:
+    """Buffers Results and writes them as numbered parts; an async context manager."""
+
+    def __init__(self, out_dir: Path, schema: pa.Schema, *, flush_rows: int, flush_seconds: float) -> None:
+        self.dir = out_dir / RESULTS_DIR
+        self.schema = schema
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self.buffer: list[Result] = []
+        self.rows_written = 0
+        self.parts_written = 0
+        self._next_part = next_part_number(self.dir)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-sink")
+        self._pending: list[asyncio.Future[None]] = []
+        self._last_flush = time.monotonic()
+        self.error: OutputError | None = None
+
+    async def __aenter__(self) -> Sink:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{self.dir}: cannot create the results directory: {exc.strerror or exc}") from None
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def add(self, result: Result) -> None:
+        self.buffer.append(result)
+        if len(self.buffer) >= self.flush_rows:
+            self.flush()
+
+    def flush_if_due(self) -> None:
+        if self.buffer and time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the buffered rows to the writer thread; returns at once."""
+        self._last_flush = time.monotonic()
+        if not self.buffer:
+            return
+        rows, self.buffer = self.buffer, []
+        path = self.dir / f"part-{self._next_part:05d}.parquet"
+        self._next_part += 1
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, self._write, rows, path)
+        self._pending.append(fut)
+        self._pending = [f for f in self._pending if not f.done() or self._reap(f)]
+
+    def _reap(self, fut: asyncio.Future[None]) -> bool:
+        exc = fut.exception()
+        if isinstance(exc, OutputError) and self.error is None:
+            self.error = exc
+        return False
+
+    def _write(self, rows: list[Result], path: Path) -> None:
+        table = _to_table(rows, self.schema)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            pq.write_table(table, tmp, compression="zstd")
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"{path}: cannot write results ({exc.strerror or exc}); "
+                              f"{len(rows)} rows were not saved and will be redone on resume") from None
+        self.rows_written += len(rows)
+        self.parts_written += 1
+
+    async def drain(self) -> None:
+        """Flush and wait until every part handed over is on disk."""
+        self.flush()
+        pending, self._pending = self._pending, []
+        for fut in pending:
+            try:
+                await fut
+            except OutputError as exc:
+                self.error = self.error or exc
+
+    async def close(self) -> None:
+        try:
+            await self.drain()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def next_part_number(results: Path) -> int:
+    highest = 0
+    if results.is_dir():
+        for p in results.iterdir():
+            if m := _PART_RE.match(p.name):
+                highest = max(highest, int(m.group(1)))
+    return highest + 1
+
+
+def part_files(results: Path) -> list[Path]:
+    if not results.is_dir():
+        return []
+    return sorted((p for p in results.iterdir() if _PART_RE.match(p.name)), key=lambda p: p.name)
+
+
+class Ledger:
+    """Ids already in the output, by status; answers "skip this id?" per batch in Arrow."""
+
+    def __init__(self, ok: pa.Array, error: pa.Array, damaged: list[str]) -> None:
+        self.ok = ok
+        self.error = error
+        self.damaged = damaged  # part files that could not be read (named in a warning)
+
+    @classmethod
+    def read(cls, out_dir: Path) -> Ledger:
+        ok: list[pa.Array] = []
+        err: list[pa.Array] = []
+        damaged = []
+        for path in part_files(out_dir / RESULTS_DIR):
+            try:
+                t = pq.read_table(path, columns=["id", "status"])
+            except (pa.ArrowException, OSError):
+                damaged.append(path.name)
+                continue
+            is_ok = pc.equal(t["status"], "ok")
+            ok.append(pc.filter(t["id"], is_ok).combine_chunks())
+            err.append(pc.filter(t["id"], pc.invert(is_ok)).combine_chunks())
+        empty = pa.array([], pa.string())
+        return cls(pa.concat_arrays(ok) if ok else empty, pa.concat_arrays(err) if err else empty, damaged)
+
+    def skip_set(self, retry_errors: bool) -> pa.Array:
+        if retry_errors or len(self.error) == 0:
+            return self.ok
+        return pa.concat_arrays([self.ok, self.error])
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / MANIFEST
+    try:
+        return orjson.loads(path.read_bytes())  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        return None
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise OutputError(f"{path}: unreadable manifest ({exc}); move it away or run with --fresh") from None
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    try:
+        write_atomic(out_dir / MANIFEST, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    except OSError as exc:
+        raise OutputError(f"{out_dir / MANIFEST}: cannot write the manifest: {exc.strerror or exc}") from None

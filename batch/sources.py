@@ -1,0 +1,150 @@
+"""Stage 2: an input file -> a stream of ``RowBatch``es.
+
+Rows are read in batches and kept column-wise (one Python list per needed
+column), so Arrow is converted to Python once per batch and JSONL is parsed
+line by line with orjson; memory depends on the batch size, never on the
+file size. Raises ``InputError`` naming the file and the line or row.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batch.errors import InputError
+
+BATCH_ROWS = 1024
+EXCERPT_CHARS = 80
+
+
+class _Missing:
+    """A column absent from a JSONL line (as opposed to present and null)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+@dataclass(frozen=True, slots=True)
+class RowBatch:
+    """Consecutive rows, column-wise.
+
+    ``start`` is the 0-based index of the first row among all data rows;
+    ``lines`` holds each row's 1-based line number for line-oriented files
+    (None for Parquet, where the row index is the location).
+    """
+
+    start: int
+    columns: dict[str, list[Any]]
+    lines: list[int] | None
+    size: int
+
+    def where(self, i: int) -> str:
+        if self.lines is not None:
+            return f"line {self.lines[i]}"
+        return f"row {self.start + i}"
+
+
+def count_rows(path: Path, fmt: str) -> int | None:
+    """The number of data rows, cheaply, or None if it cannot be known up front."""
+    try:
+        if fmt == "parquet":
+            return int(pq.ParquetFile(path).metadata.num_rows)
+        with _open_text(path) as f:
+            n = 0
+            last = b"\n"
+            while chunk := f.read(1 << 20):
+                n += chunk.count(b"\n")
+                last = chunk[-1:]
+            return n + (last != b"\n")  # a final line without a newline
+    except (OSError, EOFError, zlib.error, pa.ArrowException):
+        return None  # read_batches reports the problem with its location
+
+
+def read_batches(path: Path, fmt: str, columns: Sequence[str]) -> Iterator[RowBatch]:
+    """Yield the needed ``columns`` of every row of ``path`` in batches."""
+    if not path.exists():
+        raise InputError(f"{path}: input file not found")
+    if fmt == "parquet":
+        yield from _read_parquet(path, columns)
+    else:
+        yield from _read_jsonl(path, columns)
+
+
+def _open_text(path: Path) -> IO[bytes]:
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _read_jsonl(path: Path, columns: Sequence[str]) -> Iterator[RowBatch]:
+    start = 0
+    lineno = 0
+    cols: dict[str, list[Any]] = {c: [] for c in columns}
+    lines: list[int] = []
+    loads = orjson.loads
+    try:
+        with _open_text(path) as f:
+            for line in f:
+                lineno += 1
+                if not line.strip():
+                    continue
+                try:
+                    obj = loads(line)
+                except orjson.JSONDecodeError as exc:
+                    raise InputError(_bad_line(path, lineno, line, f"not valid JSON ({exc})")) from None
+                if not isinstance(obj, dict):
+                    raise InputError(_bad_line(path, lineno, line, "expected a JSON object per line"))
+                for c in columns:
+                    cols[c].append(obj.get(c, MISSING))
+                lines.append(lineno)
+                if len(lines) >= BATCH_ROWS:
+                    yield RowBatch(start, cols, lines, len(lines))
+                    start += len(lines)
+                    cols = {c: [] for c in columns}
+                    lines = []
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise InputError(f"{path}: compressed data is damaged or truncated after line {lineno}: {exc}") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if lines:
+        yield RowBatch(start, cols, lines, len(lines))
+
+
+def _bad_line(path: Path, lineno: int, line: bytes, what: str) -> str:
+    text = line.decode("utf-8", "replace").strip()
+    excerpt = text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "..."
+    return f"{path}:{lineno}: {what}: {excerpt}"
+
+
+def _read_parquet(path: Path, columns: Sequence[str]) -> Iterator[RowBatch]:
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: not a readable Parquet file: {exc}") from None
+    names = pf.schema_arrow.names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise InputError(
+            f"{path}: no column {', '.join(map(repr, missing))}; the file has {', '.join(names)}"
+        )
+    start = 0
+    try:
+        for rb in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(columns)):
+            data = rb.to_pydict()
+            yield RowBatch(start, {c: data[c] for c in columns}, None, rb.num_rows)
+            start += rb.num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: cannot read row group after row {start}: {exc}") from None
