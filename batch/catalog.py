@@ -39,3 +39,19 @@ KNOWN_MODELS: dict[str, ModelFacts] = {
 def facts_for(model: str) -> ModelFacts | None:
     """What batch knows of a model without asking the network, or None."""
     return KNOWN_MODELS.get(model)
+
+
+# Faults the simulator can inject (batch/sim.py): what it does instead of answering.
+SIM_FAULTS = (
+    "429",                 # rate limited, with Retry-After
+    "500", "502", "503", "504",
+    "hang",                # never answers (until hang_seconds)
+    "reset",               # closes the connection without a response
+    "truncated",           # HTTP 200 whose JSON body is cut in half
+    "stall_body",          # sends headers and part of the body, then stalls
+    "error_in_200",        # HTTP 200 with a top-level error object (OpenRouter)
+    "finish_error",        # HTTP 200, finish_reason "error" with choices[0].error, partly billed
+    "insufficient_quota",  # 429 that is not a rate limit: never succeeds on retry
+    "401", "402",
+    "content_filter",      # HTTP 200 with finish_reason "content_filter"
+)

@@ -66,6 +66,7 @@ class ProviderError(BatchError):
         self.model = model
         self.status = status
         self.retry_after = retry_after
+        self.charged_usd: float | None = None  # a failed attempt the provider still billed
         if kind is not None:
             self.kind = kind
         super().__init__(self.detail)

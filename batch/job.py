@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batch.catalog import BUILTIN_PROVIDERS
+from batch.catalog import BUILTIN_PROVIDERS, SIM_FAULTS
 from batch.errors import JobError
 
 INPUT_FORMATS = ("jsonl", "parquet", "openai-batch")
@@ -78,6 +78,9 @@ class RunSpec:
     breaker_cooldown_seconds: float = 30.0
     on_bad_row: str = "error"
     limit: int | None = None
+    server_fallback: bool = False  # OpenRouter: also send the chain as "models" for server-side fallback
+    length_is_failure: bool = False  # a reply cut at max_tokens falls back to the next model
+    give_up_seconds: float = 600.0  # stop the run (exit 3) when no model has answered for this long
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -332,6 +335,9 @@ def _run(raw: dict[str, Any], p: _Problems) -> RunSpec:
         breaker_cooldown_seconds=_get(raw, "breaker_cooldown_seconds", float, w, p, d.breaker_cooldown_seconds),
         on_bad_row=on_bad_row,
         limit=_get(raw, "limit", int, w, p, d.limit),
+        server_fallback=_get(raw, "server_fallback", bool, w, p, d.server_fallback),
+        length_is_failure=_get(raw, "length_is_failure", bool, w, p, d.length_is_failure),
+        give_up_seconds=_get(raw, "give_up_seconds", float, w, p, d.give_up_seconds),
     )
 
 
@@ -342,16 +348,31 @@ SIM_KEYS: dict[str, type] = {
     "seed": int,
     "requests_per_minute": int,
     "tokens_per_minute": int,
+    "faults": dict,
+    "schedule": dict,
+    "down": dict,
+    "retired": list,
+    "models": list,
+    "context_windows": dict,
+    "retry_after_seconds": float,
+    "hang_seconds": float,
 }
 
 
 def _sim(raw: dict[str, Any], p: _Problems) -> SimSpec:
     _check_keys(raw, tuple(SIM_KEYS), "sim.", p)
-    options = {}
+    options: dict[str, Any] = {}
     for key, kind in SIM_KEYS.items():
         value = _get(raw, key, kind, "sim.", p, positive=False)
         if value is not None:
-            options[key] = value
+            options[key] = tuple(value) if kind is list else value
+    for name, prob in (options.get("faults") or {}).items():
+        if name not in SIM_FAULTS:
+            close = difflib.get_close_matches(name, SIM_FAULTS, n=1)
+            p.add(f"sim.faults.{name}", f"unknown fault{'; did you mean ' + repr(close[0]) + '?' if close else ''}"
+                  f" (known: {', '.join(SIM_FAULTS)})")
+        elif not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
+            p.add(f"sim.faults.{name}", f"expected a probability between 0 and 1, got {prob!r}")
     return SimSpec(options=options)
 
 

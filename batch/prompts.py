@@ -3,8 +3,8 @@
 A template such as ``"Label: {text}"`` is compiled once into a positional
 format string, so rendering a row is one ``str.format`` call. The body
 (messages plus the job's ``[request]`` fields) is encoded with orjson once per
-row, *without* the model; ``Request.body_for(model)`` splices the model in
-front, so a fallback does not re-encode anything.
+row, *without* the model; ``Request.body_for(prefix)`` puts a model's prefix
+(``{"model":"x",``) in front, so a fallback does not re-encode anything.
 
 A row that cannot become a request (a null or missing template field, a
 malformed messages value, no id) becomes a ``Request`` with ``problem`` set:
@@ -45,9 +45,9 @@ class Request:
     keep: tuple[Any, ...]
     problem: tuple[str, str] | None = None  # (error_type, message) for a bad row
 
-    def body_for(self, model_json: bytes) -> bytes:
-        """The full body for a model whose name is already JSON-encoded."""
-        return b'{"model":' + model_json + b"," + self.tail
+    def body_for(self, prefix: bytes) -> bytes:
+        """The full body: a model's ``prefix`` (``{"model":"x",``) and this row's tail."""
+        return prefix + self.tail
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,8 +128,11 @@ def _parse(data: dict[str, Any], model: str, latency_ms: float, headers: Mapping
     finish = choice.get("finish_reason") or "stop"
     if finish == "error" or choice.get("error"):
         err = choice.get("error") or {}
-        raise TransientError(f"error inside HTTP 200: {err.get('message', err)}", model=model, status=200,
+        exc = TransientError(f"error inside HTTP 200: {err.get('message', err)}", model=model, status=200,
                              kind="upstream_error")
+        cost = (data.get("usage") or {}).get("cost")
+        exc.charged_usd = float(cost) if cost else None  # partial answers are billed (OpenRouter)
+        raise exc
     if finish == "content_filter":
         raise FallbackError("the answer was withheld by a content filter", model=model, kind="content_filter")
     text = choice["message"].get("content")

@@ -121,7 +121,7 @@ class Target:
     level: int
     model: str
     provider: str
-    model_json: bytes
+    prefix: bytes  # b'{"model":"x",' (plus OpenRouter's "models" list when server fallback is on)
     endpoint: Endpoint
     limiter: ModelLimiter
     breaker: Breaker
@@ -137,6 +137,14 @@ class Target:
         return None, None
 
 
+def model_prefix(model: str, server_fallback: Sequence[str] = ()) -> bytes:
+    """The start of a body for ``model``; ``server_fallback`` adds OpenRouter's ``models`` list."""
+    prefix = b'{"model":' + orjson.dumps(model) + b","
+    if server_fallback:
+        prefix += b'"models":' + orjson.dumps([model, *server_fallback]) + b","
+    return prefix
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Policy:
     max_attempts: int
@@ -146,61 +154,72 @@ class Policy:
     backoff_max: float
     max_rate_limit_waits: int
     max_tokens: int  # completion reserve for the token budget
+    length_is_failure: bool = False
+
+
+class _Row:
+    """What one row has spent so far across attempts and models."""
+
+    __slots__ = ("sent", "charged")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.charged = 0.0
 
 
 class Router:
+    """Routes rows through the chain. Slow start: the run's very first request
+    goes alone, so a bad key or a missing model costs one request, not
+    ``concurrency`` of them."""
+
     def __init__(self, session: aiohttp.ClientSession, targets: Sequence[Target], policy: Policy,
                  on_fatal: Callable[[FatalError], None]) -> None:
         self.session = session
         self.targets = list(targets) if policy.fallback else list(targets)[:1]
+        self.levels = {t.model: t.level for t in self.targets}
         self.policy = policy
         self.on_fatal = on_fatal
         self.stopping = False
         self.last_success = time.monotonic()
+        self.failures_since_success = 0
+        self._opened = asyncio.Event()
+        self._first_claimed = False
 
     async def route(self, req: Request) -> Result:
         if req.problem is not None:
             return _error(req, req.problem[0], req.problem[1], attempts=0)
-        attempts = 0
+        row = _Row()
         last: ProviderError | None = None
         final = len(self.targets) - 1
         for t in self.targets:
             if t.level > 0:
                 t.stats.fallbacks_in += 1
-            reply, sent, last = await self._attempts(req, t, last, is_last=t.level == final)
-            attempts += sent
+            reply, last = await self._attempts(req, t, row, last, is_last=t.level == final)
             if reply is not None:
-                return self._ok(req, t, reply, attempts)
+                return self._ok(req, t, reply, row)
         assert last is not None
-        return _error(req, last.kind, str(last), attempts=attempts, level=final, model=last.model)
+        return _error(req, last.kind, str(last), attempts=row.sent, level=final, model=last.model,
+                      charged=row.charged)
 
-    async def _attempts(self, req: Request, t: Target, last: ProviderError | None, *, is_last: bool
-                        ) -> tuple[Reply | None, int, ProviderError | None]:
-        """Up to max_attempts tries at one model; returns (reply, requests sent, last error).
+    async def _attempts(self, req: Request, t: Target, row: _Row, last: ProviderError | None, *,
+                        is_last: bool) -> tuple[Reply | None, ProviderError | None]:
+        """Up to max_attempts tries at one model; returns (reply, last error).
 
         Every attempt asks the breaker first and reports its outcome after
         (success, failure, or release for outcomes that say nothing of health).
         """
         p = self.policy
-        tries = sent = waits = 0
-        body = req.body_for(t.model_json)
+        tries = waits = 0
+        body = req.body_for(t.prefix)
         while tries < p.max_attempts:
             self._check_stop()
             if not t.breaker.allow():
                 if not is_last:
-                    return None, sent, last or TransientError("circuit open", model=t.model, kind="circuit_open")
+                    return None, last or TransientError("circuit open", model=t.model, kind="circuit_open")
                 await asyncio.sleep(t.breaker.seconds_to_probe())  # nowhere else to go: wait for the probe
                 continue
             try:
-                await t.limiter.acquire(req.prompt_tokens + p.max_tokens)
-                self._check_stop()
-            except BaseException:
-                t.breaker.release()
-                raise
-            sent += 1
-            t.stats.requests += 1
-            try:
-                reply = await send(self.session, t.endpoint, t.model, body, p.timeout)
+                reply = await self._send(req, t, body, row)
             except RateLimited as e:
                 t.breaker.release()
                 t.stats.rate_limited += 1
@@ -209,11 +228,11 @@ class Router:
                 last = e
                 if waits > p.max_rate_limit_waits:
                     t.stats.errors[e.kind] += 1
-                    return None, sent, e
+                    return None, e
                 continue
             except TransientError as e:
                 t.breaker.failure()
-                t.stats.errors[e.kind] += 1
+                self._failed(t, e, row)
                 tries += 1
                 last = e
                 if tries < p.max_attempts:
@@ -222,12 +241,13 @@ class Router:
                 continue
             except (FallbackError, RejectedError) as e:
                 t.breaker.release()
-                t.stats.errors[e.kind] += 1
-                return None, sent, e
+                self._failed(t, e, row)
+                return None, e
             except FatalError as e:
                 t.breaker.release()
                 t.stats.errors[e.kind] += 1
                 self.stopping = True
+                self._opened.set()
                 self.on_fatal(e)
                 raise RunStopped(str(e)) from None
             except BaseException:
@@ -235,8 +255,43 @@ class Router:
                 raise
             t.breaker.success()
             self.last_success = time.monotonic()
-            return reply, sent, last
-        return None, sent, last
+            self.failures_since_success = 0
+            if p.length_is_failure and reply.finish_reason == "length" and not is_last:
+                e = FallbackError("answer cut at max_tokens", model=t.model, kind="truncated")
+                self._failed(t, e, row, reply)
+                return None, e
+            return reply, last
+        return None, last
+
+    async def _send(self, req: Request, t: Target, body: bytes, row: _Row) -> Reply:
+        """One attempt: the slow-start gate, the model's budgets, then the HTTP call."""
+        first = False
+        if not self._opened.is_set():
+            if self._first_claimed:
+                await self._opened.wait()
+                self._check_stop()
+            else:
+                self._first_claimed = first = True
+        try:
+            await t.limiter.acquire(req.prompt_tokens + self.policy.max_tokens)
+            self._check_stop()
+            row.sent += 1
+            t.stats.requests += 1
+            return await send(self.session, t.endpoint, t.model, body, self.policy.timeout)
+        finally:
+            if first and not self.stopping:
+                self._opened.set()
+
+    def _failed(self, t: Target, e: ProviderError, row: _Row, reply: Reply | None = None) -> None:
+        t.stats.errors[e.kind] += 1
+        self.failures_since_success += 1
+        charged = e.charged_usd
+        if reply is not None:
+            charged = t.cost_of(reply)[0]
+        if charged:
+            row.charged += charged
+            t.stats.cost_usd += charged
+            t.stats.charged_failures += 1
 
     def _backoff(self, retry: int, retry_after: float | None = None) -> float:
         """Full jitter, capped; exactly the provider's wish when it stated one."""
@@ -249,7 +304,7 @@ class Router:
         if self.stopping:
             raise RunStopped("run is stopping")
 
-    def _ok(self, req: Request, t: Target, reply: Reply, attempts: int) -> Result:
+    def _ok(self, req: Request, t: Target, reply: Reply, row: _Row) -> Result:
         cost, source = t.cost_of(reply)
         s = t.stats
         s.ok += 1
@@ -257,17 +312,16 @@ class Router:
         s.completion_tokens += reply.completion_tokens
         if cost is not None:
             s.cost_usd += cost
+            cost += row.charged  # the row's cost includes failed attempts that were billed
         s.latencies.append(reply.latency_ms)
-        return Result(req.id, "ok", reply.text, reply.finish_reason, reply.model, t.provider, t.level,
-                      attempts, reply.prompt_tokens, reply.completion_tokens, cost, source,
+        level = self.levels.get(reply.model, t.level)  # OpenRouter's own fallback may have answered
+        return Result(req.id, "ok", reply.text, reply.finish_reason, reply.model, t.provider, level,
+                      row.sent, reply.prompt_tokens, reply.completion_tokens, cost, source,
                       round(reply.latency_ms, 3), None, None, req.request_hash, req.keep)
 
 
 def _error(req: Request, kind: str, message: str, *, attempts: int, level: int | None = None,
-           model: str | None = None) -> Result:
-    return Result(req.id, "error", None, None, model or None, None, level, attempts, None, None, None, None,
-                  None, kind, message, req.request_hash, req.keep)
-
-
-def model_json(model: str) -> bytes:
-    return orjson.dumps(model)
+           model: str | None = None, charged: float = 0.0) -> Result:
+    return Result(req.id, "error", None, None, model or None, None, level, attempts, None, None,
+                  charged or None, "provider" if charged else None, None, kind, message, req.request_hash,
+                  req.keep)

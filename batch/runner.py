@@ -37,7 +37,7 @@ from batch.limits import ModelLimiter
 from batch.plan import Plan, describe_changes, fingerprint, make_plan, scan
 from batch.progress import Progress, Tally
 from batch.provider import Endpoint, make_endpoint, open_session
-from batch.router import Breaker, Policy, Result, Router, RunStopped, Target, model_json
+from batch.router import Breaker, Policy, Result, Router, RunStopped, Target, model_prefix
 from batch.sim import SimConfig, Simulator
 from batch.sinks import RESULTS_DIR, Ledger, Sink, part_files, read_manifest, result_schema, write_manifest
 from batch.stats import ModelStats, Usage, append_stats, stats_rows
@@ -131,8 +131,10 @@ def _targets(job: Job, sim_url: str | None) -> list[Target]:
             facts.price_input_per_million if facts else None)
         p_out = m.price_output_per_million if m.price_output_per_million is not None else (
             facts.price_output_per_million if facts else None)
+        later = [x.model for x in job.models[level + 1:] if x.provider == m.provider]
+        server_fallback = later if job.run.server_fallback and job.run.fallback else []
         targets.append(Target(
-            level=level, model=m.model, provider=m.provider, model_json=model_json(m.model),
+            level=level, model=m.model, provider=m.provider, prefix=model_prefix(m.model, server_fallback),
             endpoint=endpoints[m.provider], limiter=ModelLimiter(m.requests_per_minute, m.tokens_per_minute),
             breaker=Breaker(job.run.breaker_failures, job.run.breaker_cooldown_seconds),
             stats=ModelStats(m.label),
@@ -201,7 +203,8 @@ async def run_async(job: Job, options: RunOptions = RunOptions()) -> Summary:
             policy = Policy(max_attempts=job.run.max_attempts, timeout=job.run.timeout_seconds,
                             fallback=job.run.fallback, backoff_base=job.run.backoff_base_seconds,
                             backoff_max=job.run.backoff_max_seconds,
-                            max_rate_limit_waits=job.run.max_rate_limit_waits, max_tokens=plan.max_tokens)
+                            max_rate_limit_waits=job.run.max_rate_limit_waits, max_tokens=plan.max_tokens,
+                            length_is_failure=job.run.length_is_failure)
             router = Router(session, targets, policy, on_fatal)
             await _pump(job, plan, skip, options, router, sink, stop, tally, progress, targets)
             await sink.drain()
@@ -255,7 +258,9 @@ async def _pump(job: Job, plan: Plan, skip: pa.Array, options: RunOptions, route
                 await queue.put(req)
                 if budget is not None:
                     budget -= 1
-            if stop.reason is not None or budget == 0:
+            if stop.reason is not None:
+                return  # the supervisor ends the workers
+            if budget == 0:
                 break
             await asyncio.sleep(0)  # let workers run between batches
         for _ in range(n):
@@ -294,6 +299,10 @@ async def _pump(job: Job, plan: Plan, skip: pa.Array, options: RunOptions, route
             sink.flush_if_due()
             if sink.error is not None:
                 stop.request(str(sink.error))
+            silent = time.monotonic() - router.last_success
+            if router.failures_since_success and silent > job.run.give_up_seconds:
+                stop.request(f"no model has answered for {silent:.0f}s ({router.failures_since_success} failures "
+                             f"in a row); giving up (run.give_up_seconds). Rerun to resume.")
             held = [f"{t.model} {'paused' if t.limiter.paused else 'at limit'}"
                     for t in targets if t.limiter.waiting]
             progress.update(tally, ", ".join(held))
@@ -321,6 +330,7 @@ async def _pump(job: Job, plan: Plan, skip: pa.Array, options: RunOptions, route
     mon = asyncio.create_task(monitor())
     try:
         await _supervise(read_task, workers, queue, done_sentinel, stop, router, options)
+        read_task.cancel()  # no-op when it has finished; else it may wait to put a sentinel nobody takes
         await asyncio.gather(read_task, return_exceptions=True)
     finally:
         mon.cancel()
@@ -357,7 +367,9 @@ async def _supervise(read_task: asyncio.Task[None], workers: list[asyncio.Task[N
             await asyncio.gather(*pending, return_exceptions=True)
             return
         waiter = asyncio.create_task((stop.hard_event if stop.reason else stop.event).wait())
-        watch: set[asyncio.Task[object]] = {*pending, waiter, read_task}  # type: ignore[arg-type]
+        watch: set[asyncio.Task[object]] = {*pending, waiter}  # type: ignore[arg-type]
+        if not read_task.done():
+            watch.add(read_task)  # type: ignore[arg-type]
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         done, _ = await asyncio.wait(watch, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()

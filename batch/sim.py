@@ -16,8 +16,11 @@ It imitates what batch meets on the wire from OpenRouter and OpenAI, on
   ``pricing`` strings, as OpenRouter does.
 
 It does **not** imitate streaming, tools, real model quality, or provider
-routing. Knobs (``SimConfig``) add latency; later stages add rate limits and
-faults. The server counts what it saw (``SimCounters``) so tests can assert
+routing beyond OpenRouter's ``models`` fallback list. Knobs (``SimConfig``) add
+latency and faults (see ``FAULTS``), each by probability or by a per-model
+schedule; a fault is chosen from a hash of (seed, prompt, how often that prompt
+was seen), so a row meets the same faults whatever order requests arrive in.
+The server counts what it saw (``SimCounters``) so tests can assert
 server-side facts instead of timings.
 
 Use::
@@ -32,6 +35,7 @@ Use::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import re
@@ -45,6 +49,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from batch.catalog import SIM_FAULTS as FAULTS
 from batch.catalog import facts_for
 
 DEFAULT_CONTEXT_WINDOW = 32_768
@@ -64,6 +69,15 @@ class SimConfig:
         api_key: when set, requests must carry ``Bearer <api_key>`` (else 401).
         context_windows: per-model context window (default: the catalog, else 32,768).
         models: when non-empty, the only models that exist (others get 404).
+        faults: probability per request of each fault in ``FAULTS``, e.g. {"500": 0.05}.
+        schedule: per model (or "*"), faults for the 1st, 2nd, ... request of each
+            prompt, e.g. {"*": ["429:0.3", "ok"]}; "kind:x" sets that fault's
+            Retry-After to x seconds.
+        down: model -> seconds, counted from the first request, during which it answers 503 (inf: always).
+        retired: models that answer 404 ``model_deprecated``.
+        retry_after_seconds: Retry-After sent with 429 and 503 faults.
+        hang_seconds: how long a "hang" or "stall_body" fault holds the connection.
+        record_times: keep every request's arrival time per prompt (for retry-timing tests).
     """
 
     latency_ms: float = 0.0
@@ -72,6 +86,13 @@ class SimConfig:
     api_key: str | None = None
     context_windows: dict[str, int] = field(default_factory=dict)
     models: tuple[str, ...] = ()
+    faults: dict[str, float] = field(default_factory=dict)
+    schedule: dict[str, list[str]] = field(default_factory=dict)
+    down: dict[str, float] = field(default_factory=dict)
+    retired: tuple[str, ...] = ()
+    retry_after_seconds: float = 1.0
+    hang_seconds: float = 600.0
+    record_times: bool = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> SimConfig:
@@ -92,6 +113,9 @@ class SimCounters:
     peak_in_flight: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+    after_success: Counter[str] = field(default_factory=Counter)  # requests for a prompt already answered ok
+    arrivals: dict[str, list[float]] = field(default_factory=dict)  # only with record_times
 
 
 def count_tokens(text: str) -> int:
@@ -151,13 +175,106 @@ def usage_for(messages: list[dict[str, Any]], completion: str, model: str) -> di
     }
 
 
-def _error(status: int, message: str, code: Any, headers: Mapping[str, str] | None = None) -> web.Response:
-    body = {"error": {"code": code, "message": message}}
+def _error(status: int, message: str, code: Any, headers: Mapping[str, str] | None = None,
+           **extra: Any) -> web.Response:
+    body = {"error": {"code": code, "message": message, **extra}}
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
                         headers=headers)
 
 
-class Simulator:
+def _fault_draw(seed: int, key: str, nth: int) -> float:
+    h = hashlib.blake2b(f"{seed}:{key}:{nth}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
+class _Faults:
+    """Fault selection and injection, mixed into Simulator."""
+
+    config: SimConfig
+    _first_request: float | None
+    _closing: asyncio.Event | None
+
+    def _unavailable(self, model: str, messages: list[dict[str, Any]], body: dict[str, Any]
+                     ) -> web.StreamResponse | None:
+        cfg = self.config
+        if model in cfg.retired:
+            return _error(404, f"{model} has been retired", 404, availability={
+                "code": "model_deprecated", "retryable": False, "requested_models": [model]})
+        if cfg.models and model not in cfg.models:
+            return _error(404, f"model {model} does not exist", 404, availability={
+                "code": "model_not_found", "retryable": False, "requested_models": [model]})
+        if time.monotonic() - (self._first_request or 0.0) < cfg.down.get(model, 0.0):
+            return _error(503, f"{model} is down", 503, headers={"Retry-After": "0"},
+                          metadata={"error_type": "provider_unavailable"})
+        window = self._context_window(model)  # type: ignore[attr-defined]
+        prompt = usage_for(messages, "", model)["prompt_tokens"]
+        if prompt + (body.get("max_tokens") or 0) > window:
+            return _error(400, f"This model's maximum context length is {window} tokens. "
+                          f"However, you requested {prompt} tokens.", "context_length_exceeded")
+        return None
+
+    def _fault_for(self, model: str, key: str, nth: int) -> tuple[str | None, float | None]:
+        cfg = self.config
+        plan = cfg.schedule.get(model) or cfg.schedule.get("*")
+        if plan is not None and nth < len(plan):
+            kind, _, arg = plan[nth].partition(":")
+            return (None if kind == "ok" else kind), (float(arg) if arg else None)
+        if cfg.faults:
+            u = _fault_draw(cfg.seed, key, nth)
+            for kind, p in cfg.faults.items():
+                if u < p:
+                    return kind, None
+                u -= p
+        return None, None
+
+    async def _inject(self, fault: str, arg: float | None, request: web.Request, model: str,
+                      messages: list[dict[str, Any]]) -> web.StreamResponse:
+        wait = arg if arg is not None else self.config.retry_after_seconds
+        if fault == "429":
+            return _error(429, "Rate limit exceeded", "rate_limit_exceeded", headers={"Retry-After": f"{wait:g}"})
+        if fault == "insufficient_quota":
+            return _error(429, "You exceeded your current quota", "insufficient_quota", type="insufficient_quota")
+        if fault in ("500", "502", "504"):
+            return _error(int(fault), "upstream error", int(fault))
+        if fault == "503":
+            return _error(503, "overloaded", 503, headers={"Retry-After": f"{wait:g}"})
+        if fault == "401":
+            return _error(401, "No auth credentials found", 401)
+        if fault == "402":
+            return _error(402, "Insufficient credits", 402)
+        if fault == "error_in_200":
+            return _error(200, "Provider returned error", 502, metadata={"error_type": "provider_unavailable"})
+        if fault in ("finish_error", "content_filter"):
+            usage = usage_for(messages, "par", model)
+            choice = {"index": 0, "message": {"role": "assistant", "content": "par"}, "finish_reason":
+                      "error" if fault == "finish_error" else "content_filter"}
+            if fault == "finish_error":
+                choice["error"] = {"code": 502, "message": "upstream stopped mid-answer"}
+            reply = {"id": "gen-sim-err", "model": model, "choices": [choice], "usage": usage}
+            return web.Response(body=orjson.dumps(reply), content_type="application/json")
+        if fault == "truncated":
+            full = orjson.dumps({"id": "gen-sim-t", "model": model, "choices": [{"index": 0, "message": {
+                "role": "assistant", "content": "cut"}, "finish_reason": "stop"}]})
+            return web.Response(body=full[: len(full) // 2], content_type="application/json")
+        if fault == "reset":
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError  # nothing is sent: the client sees the connection drop
+        if fault in ("hang", "stall_body"):
+            response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "400"})
+            if fault == "stall_body":
+                await response.prepare(request)
+                await response.write(b'{"id": "gen-sim-stall", "choices": [')
+            assert self._closing is not None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.config.hang_seconds)
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError
+        raise ValueError(f"unknown sim fault {fault!r}")
+
+
+class Simulator(_Faults):
     """The server; an async context manager bound to 127.0.0.1 on a free port."""
 
     def __init__(self, config: SimConfig | None = None, *, port: int = 0, host: str = "127.0.0.1") -> None:
@@ -168,6 +285,13 @@ class Simulator:
         self._rng = random.Random(self.config.seed)
         self._runner: web.AppRunner | None = None
         self._serial = 0
+        self._seen: Counter[str] = Counter()  # requests per prompt, to index schedules
+        self._succeeded: set[str] = set()
+        self._first_request: float | None = None
+        self._closing: asyncio.Event | None = None
+        for kind in self.config.faults:
+            if kind not in FAULTS:
+                raise ValueError(f"unknown sim fault {kind!r}; known: {', '.join(FAULTS)}")
 
     @property
     def base_url(self) -> str:
@@ -181,7 +305,8 @@ class Simulator:
         return app
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        self._closing = asyncio.Event()
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
         await site.start()
@@ -190,6 +315,8 @@ class Simulator:
         self.port = server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        if self._closing is not None:
+            self._closing.set()  # release hanging handlers
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -244,19 +371,36 @@ class Simulator:
             messages = body["messages"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return _error(400, "request body must be JSON with model and messages", 400)
-        self.counters.by_model[model] += 1
-        self.counters.by_prompt[prompt_key(messages)] += 1
-        if cfg.models and model not in cfg.models:
-            return _error(404, f"model {model} does not exist", 404)
+        c = self.counters
+        if self._first_request is None:
+            self._first_request = time.monotonic()
+        key = prompt_key(messages)
+        c.by_prompt[key] += 1
+        if key in self._succeeded:
+            c.after_success[key] += 1
+        if cfg.record_times:
+            c.arrivals.setdefault(key, []).append(time.monotonic())
+        nth = self._seen[key]
+        self._seen[key] += 1
         delay = cfg.latency_ms + (self._rng.uniform(-1, 1) * cfg.latency_jitter_ms if cfg.latency_jitter_ms else 0)
         if delay > 0:
             await asyncio.sleep(delay / 1000)
+        candidates = [model, *[m for m in body.get("models") or () if m != model]]
+        refusal: web.StreamResponse | None = None
+        for model in candidates:  # OpenRouter's `models`: the first that can answer does
+            c.by_model[model] += 1
+            refusal = self._unavailable(model, messages, body)
+            if refusal is None:
+                break
+        if refusal is not None:
+            return refusal
+        fault, arg = self._fault_for(model, key, nth)
+        if fault is not None:
+            c.faults[fault] += 1
+            return await self._inject(fault, arg, request, model, messages)
         text, finish = truncate(answer_for(messages), body.get("max_tokens"))
         usage = usage_for(messages, text, model)
-        window = self._context_window(model)
-        if usage["prompt_tokens"] + (body.get("max_tokens") or 0) > window:
-            return _error(400, f"This model's maximum context length is {window} tokens. "
-                          f"However, you requested {usage['prompt_tokens']} tokens.", "context_length_exceeded")
+        self._succeeded.add(key)
         self.counters.prompt_tokens += usage["prompt_tokens"]
         self.counters.completion_tokens += usage["completion_tokens"]
         self._serial += 1

@@ -44,7 +44,7 @@ class TestBuild:
         b = builder(system="Be brief.")
         batch = batch_of(id=[7], text=["cats"], who=["me"])
         (req,) = list(b.build(batch, b.ids(batch), None))
-        body = orjson.loads(req.body_for(orjson.dumps("openai/gpt-3.5-turbo")))
+        body = orjson.loads(req.body_for(b'{"model":"openai/gpt-3.5-turbo",'))
         assert body == {"model": "openai/gpt-3.5-turbo", "temperature": 0, "messages": [
             {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Label cats for me"}]}
         assert req.id == "7" and req.prompt_tokens > 0 and len(req.request_hash) == 32
@@ -64,7 +64,7 @@ class TestBuild:
         batch = batch_of(id=[1, 2, 3], m=[msgs, orjson.dumps(msgs).decode(), [{"content": "no role"}]])
         reqs = list(b.build(batch, b.ids(batch), None))
         for r in reqs[:2]:
-            assert orjson.loads(r.body_for(b'"x"'))["messages"][0] == {"role": "system", "content": "S"}
+            assert orjson.loads(r.body_for(b'{"model":"x",'))["messages"][0] == {"role": "system", "content": "S"}
         assert reqs[2].problem is not None and reqs[2].problem[0] == "bad_messages"
 
     def test_skip_mask_drops_rows(self) -> None:
