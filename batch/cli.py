@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--latency-ms", type=float, default=0.0)
     m.add_argument("--latency-jitter-ms", type=float, default=0.0)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--requests-per-minute", type=int, help="enforce a sliding-window request limit")
+    m.add_argument("--tokens-per-minute", type=int, help="enforce a sliding-window token limit")
+    m.add_argument("--window-seconds", type=float, default=60.0)
+    m.add_argument("--rate-limit-style", choices=("openai", "openrouter", "bare"), default="openai")
+    m.add_argument("--fault", action="append", default=[], metavar="KIND=P",
+                   help="inject a fault with probability P, e.g. --fault 500=0.05 (repeatable)")
+    m.add_argument("--record-times", action="store_true", help="keep admission times for /_sim/stats")
     return p
 
 
@@ -169,7 +176,20 @@ def _stats(args: argparse.Namespace) -> int:
 def _sim(args: argparse.Namespace) -> int:
     from batch.sim import SimConfig, serve
 
-    config = SimConfig(latency_ms=args.latency_ms, latency_jitter_ms=args.latency_jitter_ms, seed=args.seed)
+    faults = {}
+    for spec in args.fault:
+        kind, _, prob = spec.partition("=")
+        try:
+            faults[kind] = float(prob)
+        except ValueError:
+            raise JobError(f"--fault {spec!r}: expected KIND=PROBABILITY, e.g. 500=0.05") from None
+    try:
+        config = SimConfig(latency_ms=args.latency_ms, latency_jitter_ms=args.latency_jitter_ms, seed=args.seed,
+                           requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute,
+                           window_seconds=args.window_seconds, rate_limit_style=args.rate_limit_style,
+                           faults=faults, record_times=args.record_times)
+    except ValueError as exc:
+        raise JobError(str(exc)) from None
     try:
         asyncio.run(serve(config, args.port))
     except KeyboardInterrupt:

@@ -84,9 +84,16 @@ class TransientError(ProviderError):
 
 
 class RateLimited(TransientError):
-    """The model is at its rate limit: pause the whole model, then retry."""
+    """The model is at its rate limit: pause the whole model, then retry.
+
+    ``scope`` is "requests", "tokens" or None (unknown); ``limit_requests`` and
+    ``limit_tokens`` are per-minute limits the provider stated, if any.
+    """
 
     kind = "rate_limited"
+    scope: str | None = None
+    limit_requests: float | None = None
+    limit_tokens: float | None = None
 
 
 class FallbackError(ProviderError):

@@ -81,6 +81,7 @@ class RunSpec:
     server_fallback: bool = False  # OpenRouter: also send the chain as "models" for server-side fallback
     length_is_failure: bool = False  # a reply cut at max_tokens falls back to the next model
     give_up_seconds: float = 600.0  # stop the run (exit 3) when no model has answered for this long
+    spill_on_rate_limit: bool = False  # rows move to the next model while the primary is rate limited
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -338,6 +339,7 @@ def _run(raw: dict[str, Any], p: _Problems) -> RunSpec:
         server_fallback=_get(raw, "server_fallback", bool, w, p, d.server_fallback),
         length_is_failure=_get(raw, "length_is_failure", bool, w, p, d.length_is_failure),
         give_up_seconds=_get(raw, "give_up_seconds", float, w, p, d.give_up_seconds),
+        spill_on_rate_limit=_get(raw, "spill_on_rate_limit", bool, w, p, d.spill_on_rate_limit),
     )
 
 
@@ -356,6 +358,8 @@ SIM_KEYS: dict[str, type] = {
     "context_windows": dict,
     "retry_after_seconds": float,
     "hang_seconds": float,
+    "window_seconds": float,
+    "rate_limit_style": str,
 }
 
 

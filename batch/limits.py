@@ -1,68 +1,232 @@
-"""Stage 4: per-model request and token budgets, and a model-wide pause.
+"""Stage 4: per-model request and token budgets that run at the limit, not into it.
 
 ``ModelLimiter.acquire(tokens)`` waits until one more request of that many
-tokens fits both budgets, and until any pause ordered by a 429 has passed.
+(estimated) tokens fits both budgets, and until any pause ordered by a 429
+has passed. After the reply, ``settle`` swaps the estimate for the tokens the
+provider reported, so the token budget tracks what the provider counts.
 
-Bucket sizing: a leaky bucket of capacity C draining at r per second lets
-C + 60·r through in a sliding minute. A bucket holding a whole minute
-(C = limit, r = limit/60) therefore admits almost *twice* the limit in one
-window. Here C is small (``BURST_SECONDS`` of the rate) and r is lowered to
-(limit - C)/60, so no 60-second window can exceed the limit.
+Bucket sizing: a leaky bucket of capacity C draining r per second admits up
+to C + 60·r in a sliding minute. aiolimiter's natural setting (C = limit over
+60 s) admits almost *twice* the limit in one window. Here C is half a second
+of the rate and r = (limit·(1 - margin) - C) / 60, so no 60-second window can
+exceed the limit (``SAFETY_MARGIN`` absorbs network jitter between our clock
+and the provider's).
+
+Steering, per model:
+- headers (``x-ratelimit-limit|remaining|reset-*``, read on every response):
+  a stated limit below ours becomes ours; nothing remaining pauses the model
+  until the stated reset;
+- a 429 pauses the whole model for the advised time; a limit stated in it
+  (headers or message) is adopted; otherwise the rate drops to 80% of what
+  was actually sent in the last minute (multiplicative decrease, once per
+  episode), then creeps back up by 1% of the ceiling every few seconds
+  without a 429 (additive increase).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from aiolimiter import AsyncLimiter
 
 BURST_SECONDS = 0.5
+SAFETY_MARGIN = 0.005
+DECREASE = 0.8
+INCREASE_STEP = 0.01  # of the ceiling
+INCREASE_EVERY = 3.0  # seconds without a 429 between steps
+CALM_AFTER_429 = 10.0  # seconds before increases resume
+EPISODE_SECONDS = 2.0  # 429s closer together than this are one episode: one decrease
 
 
-def sized_limiter(per_minute: float, *, min_capacity: float = 1.0) -> AsyncLimiter:
-    """A limiter that never admits more than ``per_minute`` in any 60-second window."""
-    capacity = max(min_capacity, per_minute / 60.0 * BURST_SECONDS)
-    capacity = min(capacity, per_minute / 2)  # keep at least half the minute for steady flow
-    rate = per_minute - capacity  # per 60 s, after the initial burst of `capacity`
-    return AsyncLimiter(capacity, time_period=capacity * 60.0 / rate)
+def _sizing(per_minute: float, min_capacity: float) -> tuple[float, float]:
+    """(capacity, time_period) for AsyncLimiter such that no 60 s window admits more than per_minute."""
+    usable = per_minute * (1 - SAFETY_MARGIN)
+    capacity = min(max(min_capacity, per_minute / 60.0 * BURST_SECONDS), usable / 2)
+    rate = usable - capacity  # per 60 s, after the first burst of `capacity`
+    return capacity, capacity * 60.0 / rate
+
+
+class SteerableLimiter(AsyncLimiter):
+    """aiolimiter's leaky bucket, plus a rate that can change and amounts that can be reconciled.
+
+    The additions touch aiolimiter's bucket level (``_level``, ``_leak``,
+    ``_wake_next``, ``_rate_per_sec``); pyproject pins aiolimiter below 2.
+    """
+
+    def __init__(self, per_minute: float, *, min_capacity: float = 1.0) -> None:
+        self.per_minute = per_minute
+        self.min_capacity = min_capacity
+        capacity, period = _sizing(per_minute, min_capacity)
+        super().__init__(capacity, period)
+
+    def set_rate(self, per_minute: float) -> None:
+        self._leak()
+        self.per_minute = per_minute
+        capacity, period = _sizing(per_minute, self.min_capacity)
+        self.max_rate, self.time_period = capacity, period
+        self._rate_per_sec = capacity / period
+        self._wake_next()
+
+    async def take(self, amount: float) -> None:
+        """Acquire ``amount``; an amount larger than the bucket takes the bucket and owes the rest."""
+        if amount <= self.max_rate:
+            await self.acquire(amount)
+            return
+        await self.acquire(self.max_rate)
+        self.adjust(amount - self.max_rate)
+
+    def adjust(self, delta: float) -> None:
+        """Add (or, negative, give back) capacity already used, e.g. estimate -> reported usage."""
+        self._leak()
+        self._level = max(0.0, self._level + delta)
+        self._wake_next()
 
 
 class ModelLimiter:
-    """Budgets for one model; no-op fast path when the job sets no limits."""
+    """Budgets for one model; a no-op fast path until a limit is configured or discovered."""
 
-    def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
-        self.rpm = requests_per_minute
-        self.tpm = tokens_per_minute
-        self._requests = sized_limiter(requests_per_minute) if requests_per_minute else None
-        self._tokens = sized_limiter(tokens_per_minute, min_capacity=1.0) if tokens_per_minute else None
-        self._paused_until = 0.0
-        self.waiting = 0  # requests currently held back; shown by the progress line
-
-    @property
-    def limited(self) -> bool:
-        return self._requests is not None or self._tokens is not None or self._paused_until > 0
+    def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.ceiling_rpm: float | None = requests_per_minute
+        self.ceiling_tpm: float | None = tokens_per_minute
+        self.requests = SteerableLimiter(requests_per_minute) if requests_per_minute else None
+        self.tokens = SteerableLimiter(tokens_per_minute) if tokens_per_minute else None
+        self.paused_until = 0.0
+        self.waiting = 0  # requests held back right now; shown by the progress line
+        self.limited = self.requests is not None or self.tokens is not None
+        self._last_429 = -1e9
+        self._last_step = 0.0
+        self._sent: list[tuple[float, int]] = []  # (second, count) for the observed rate; <= 61 entries
 
     async def acquire(self, tokens: int) -> None:
+        self._count_sent()
         if not self.limited:
             return
         self.waiting += 1
         try:
-            while (delay := self._paused_until - time.monotonic()) > 0:
+            while (delay := self.paused_until - self.clock()) > 0:
                 await asyncio.sleep(delay)
-            if self._requests is not None:
-                await self._requests.acquire()
-            if self._tokens is not None:
-                # A request larger than the bucket takes the whole bucket; the
-                # bucket is sized so that this overshoot stays within one request.
-                await self._tokens.acquire(min(float(tokens), self._tokens.max_rate))
+            if self.requests is not None:
+                await self.requests.take(1)
+            if self.tokens is not None:
+                await self.tokens.take(tokens)
         finally:
             self.waiting -= 1
 
-    def pause(self, seconds: float) -> None:
-        """Hold every request of this model for ``seconds`` (after a 429)."""
-        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
-
     @property
     def paused(self) -> bool:
-        return self._paused_until > time.monotonic()
+        return self.paused_until > self.clock()
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request of this model for ``seconds``."""
+        self.paused_until = max(self.paused_until, self.clock() + seconds)
+        self.limited = True
+
+    def settle(self, reserved: int, used: int) -> None:
+        """Replace a request's estimated tokens with what the provider reported."""
+        if self.tokens is not None and used > 0:
+            self.tokens.adjust(used - reserved)
+        self._maybe_increase()
+
+    def refund(self, reserved: int) -> None:
+        """A 429'd request was not counted by the provider: give its budget back."""
+        if self.requests is not None:
+            self.requests.adjust(-1)
+        if self.tokens is not None:
+            self.tokens.adjust(-reserved)
+
+    def observe(self, limit_requests: float | None, limit_tokens: float | None,
+                remaining_requests: float | None, remaining_tokens: float | None,
+                reset_requests: float | None, reset_tokens: float | None) -> None:
+        """Steer by what x-ratelimit-* headers said about the provider's real limits."""
+        if limit_requests:
+            self._adopt("requests", limit_requests)
+        if limit_tokens:
+            self._adopt("tokens", limit_tokens)
+        if remaining_requests is not None and remaining_requests <= 0 and reset_requests:
+            self.pause(reset_requests)
+        if remaining_tokens is not None and remaining_tokens <= 0 and reset_tokens:
+            self.pause(reset_tokens)
+
+    def on_rate_limited(self, wait: float, scope: str | None,
+                        limit_requests: float | None, limit_tokens: float | None) -> None:
+        """A 429: pause everyone, adopt a stated limit, else decrease once per episode."""
+        now = self.clock()
+        self.pause(wait)
+        new_episode = now - self._last_429 > max(EPISODE_SECONDS, wait)
+        self._last_429 = now
+        if limit_requests or limit_tokens:
+            if limit_requests:
+                self._adopt("requests", limit_requests)
+            if limit_tokens:
+                self._adopt("tokens", limit_tokens)
+            return
+        if not new_episode:
+            return
+        if scope in (None, "requests"):
+            current = self.requests.per_minute if self.requests else float("inf")
+            self._set("requests", max(1.0, DECREASE * min(current, self.observed_rpm())))
+        if scope == "tokens" and self.tokens is not None:
+            self._set("tokens", max(1.0, DECREASE * self.tokens.per_minute))
+
+    def observed_rpm(self) -> float:
+        """Requests actually sent in the last minute (scaled up while the run is younger)."""
+        now = int(self.clock())
+        recent = [(s, c) for s, c in self._sent if s > now - 60]
+        if not recent:
+            return 1.0
+        span = max(1, min(60, now - recent[0][0] + 1))
+        return sum(c for _, c in recent) * 60.0 / span
+
+    # --- internals ----------------------------------------------------------------
+
+    def _count_sent(self) -> None:
+        second = int(self.clock())
+        if self._sent and self._sent[-1][0] == second:
+            self._sent[-1] = (second, self._sent[-1][1] + 1)
+            return
+        self._sent.append((second, 1))
+        if len(self._sent) > 61:
+            del self._sent[0]
+
+    def _adopt(self, which: str, limit: float) -> None:
+        """A limit the provider stated is the new ceiling, and the rate if ours is higher."""
+        if which == "requests":
+            if self.ceiling_rpm is None or limit < self.ceiling_rpm:
+                self.ceiling_rpm = limit
+            if self.requests is None or self.requests.per_minute > limit:
+                self._set("requests", limit)
+        else:
+            if self.ceiling_tpm is None or limit < self.ceiling_tpm:
+                self.ceiling_tpm = limit
+            if self.tokens is None or self.tokens.per_minute > limit:
+                self._set("tokens", limit)
+
+    def _set(self, which: str, per_minute: float) -> None:
+        if which == "requests":
+            if self.requests is None:
+                self.requests = SteerableLimiter(per_minute)
+            else:
+                self.requests.set_rate(per_minute)
+        else:
+            if self.tokens is None:
+                self.tokens = SteerableLimiter(per_minute)
+            else:
+                self.tokens.set_rate(per_minute)
+        self.limited = True
+
+    def _maybe_increase(self) -> None:
+        """Additive increase back toward the ceiling after a calm spell."""
+        now = self.clock()
+        if now - self._last_429 < CALM_AFTER_429 or now - self._last_step < INCREASE_EVERY:
+            return
+        self._last_step = now
+        for bucket, ceiling in ((self.requests, self.ceiling_rpm), (self.tokens, self.ceiling_tpm)):
+            if bucket is None:
+                continue
+            top = ceiling if ceiling is not None else bucket.per_minute * 1.5
+            if bucket.per_minute < top:
+                bucket.set_rate(min(top, bucket.per_minute + INCREASE_STEP * top))

@@ -33,6 +33,7 @@ from batch.errors import (
 
 USER_AGENT = "batch/0.1 (+https://github.com/batch-runner/batch)"
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_LIMIT_RE = re.compile(r"\bLimit:? (\d+)")
 _TRY_AGAIN_RE = re.compile(r"try again in (\d+(?:\.\d+)?)(ms|s)", re.I)
 _CONTEXT_WORDS = ("context length", "context_length", "maximum context", "too many tokens", "context window")
 _FILTER_WORDS = ("content_filter", "content_policy", "moderation", "flagged", "safety")
@@ -185,7 +186,7 @@ def classify(status: int, body: bytes | dict[str, Any], headers: Mapping[str, st
         kind = "model_not_found" if avail.get("code") in ("model_not_found", "model_deprecated") else "model_unavailable"
         return FallbackError(detail, kind=kind, **kw)
     if status == 429:
-        return RateLimited(detail, **kw)
+        return _rate_limited(detail, words, headers, message, kw)
     if status in (401, 402) or (status == 403 and not any(w in words for w in _FILTER_WORDS)):
         kind = {401: "auth", 402: "payment_required", 403: "forbidden"}[status]
         return FatalError(detail, kind=kind, **kw)
@@ -200,6 +201,29 @@ def classify(status: int, body: bytes | dict[str, Any], headers: Mapping[str, st
     if status == 409 or status >= 500 or status == 200:
         return TransientError(detail, kind="upstream_error" if status == 200 else "server_error", **kw)
     return RejectedError(detail, kind="bad_request", **kw)
+
+
+def _rate_limited(detail: str, words: str, headers: Mapping[str, str], message: str,
+                  kw: dict[str, Any]) -> RateLimited:
+    """A 429 with what it says about the limit: which budget, and its size if stated."""
+    e = RateLimited(detail, **kw)
+    e.scope = "tokens" if "token" in words else "requests" if "request" in words else None
+    info = rate_info(headers, always=True)
+    assert info is not None
+    e.limit_requests = info.limit_requests
+    e.limit_tokens = info.limit_tokens
+    if e.limit_requests is None and (v := headers.get("x-ratelimit-limit")) is not None:
+        try:  # OpenRouter's platform limit, sent only on its 429s
+            e.limit_requests = float(v)
+        except ValueError:
+            pass
+    if (m := _LIMIT_RE.search(message)) and e.limit_requests is None and e.limit_tokens is None:
+        stated = float(m.group(1))
+        if "tpm" in words or "tokens per min" in words:
+            e.limit_tokens = stated
+        elif "rpm" in words or "requests per min" in words:
+            e.limit_requests = stated
+    return e
 
 
 def parse_duration(value: str) -> float | None:
@@ -244,11 +268,11 @@ def retry_after(headers: Mapping[str, str], err: Mapping[str, Any], message: str
     return None
 
 
-def rate_info(headers: Mapping[str, str]) -> RateInfo | None:
+def rate_info(headers: Mapping[str, str], *, always: bool = False) -> RateInfo | None:
     """x-ratelimit-* headers of a response, or None when it sent none (the common case)."""
     rr = headers.get("x-ratelimit-remaining-requests")
     rt = headers.get("x-ratelimit-remaining-tokens")
-    if rr is None and rt is None:
+    if rr is None and rt is None and not always:
         return None
 
     def num(name: str) -> float | None:

@@ -155,6 +155,7 @@ class Policy:
     max_rate_limit_waits: int
     max_tokens: int  # completion reserve for the token budget
     length_is_failure: bool = False
+    spill_on_rate_limit: bool = False  # a row whose model is rate limited moves to the next model
 
 
 class _Row:
@@ -213,6 +214,8 @@ class Router:
         body = req.body_for(t.prefix)
         while tries < p.max_attempts:
             self._check_stop()
+            if p.spill_on_rate_limit and not is_last and t.limiter.paused:
+                return None, last or RateLimited("model is paused by its rate limit", model=t.model)
             if not t.breaker.allow():
                 if not is_last:
                     return None, last or TransientError("circuit open", model=t.model, kind="circuit_open")
@@ -223,10 +226,12 @@ class Router:
             except RateLimited as e:
                 t.breaker.release()
                 t.stats.rate_limited += 1
-                t.limiter.pause(e.retry_after if e.retry_after is not None else self._backoff(waits))
+                t.limiter.refund(req.prompt_tokens + p.max_tokens)
+                wait = e.retry_after if e.retry_after is not None else self._backoff(waits)
+                t.limiter.on_rate_limited(wait, e.scope, e.limit_requests, e.limit_tokens)
                 waits += 1
                 last = e
-                if waits > p.max_rate_limit_waits:
+                if waits > p.max_rate_limit_waits or (p.spill_on_rate_limit and not is_last):
                     t.stats.errors[e.kind] += 1
                     return None, e
                 continue
@@ -272,12 +277,18 @@ class Router:
                 self._check_stop()
             else:
                 self._first_claimed = first = True
+        reserved = req.prompt_tokens + self.policy.max_tokens
         try:
-            await t.limiter.acquire(req.prompt_tokens + self.policy.max_tokens)
+            await t.limiter.acquire(reserved)
             self._check_stop()
             row.sent += 1
             t.stats.requests += 1
-            return await send(self.session, t.endpoint, t.model, body, self.policy.timeout)
+            reply = await send(self.session, t.endpoint, t.model, body, self.policy.timeout)
+            if (r := reply.rate) is not None:
+                t.limiter.observe(r.limit_requests, r.limit_tokens, r.remaining_requests, r.remaining_tokens,
+                                  r.reset_requests, r.reset_tokens)
+            t.limiter.settle(reserved, reply.prompt_tokens + reply.completion_tokens)
+            return reply
         finally:
             if first and not self.stopping:
                 self._opened.set()

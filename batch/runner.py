@@ -204,7 +204,8 @@ async def run_async(job: Job, options: RunOptions = RunOptions()) -> Summary:
                             fallback=job.run.fallback, backoff_base=job.run.backoff_base_seconds,
                             backoff_max=job.run.backoff_max_seconds,
                             max_rate_limit_waits=job.run.max_rate_limit_waits, max_tokens=plan.max_tokens,
-                            length_is_failure=job.run.length_is_failure)
+                            length_is_failure=job.run.length_is_failure,
+                            spill_on_rate_limit=job.run.spill_on_rate_limit)
             router = Router(session, targets, policy, on_fatal)
             await _pump(job, plan, skip, options, router, sink, stop, tally, progress, targets)
             await sink.drain()

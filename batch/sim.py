@@ -14,6 +14,7 @@ It imitates what batch meets on the wire from OpenRouter and OpenAI, on
   the built-in price table (unknown models: $1 / $2 per million).
 - ``GET /v1/models`` lists models with ``context_length`` and per-token
   ``pricing`` strings, as OpenRouter does.
+- ``GET /_sim/stats`` returns what the server counted (``SimCounters``).
 
 It does **not** imitate streaming, tools, real model quality, or provider
 routing beyond OpenRouter's ``models`` fallback list. Knobs (``SimConfig``) add
@@ -41,7 +42,7 @@ import random
 import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,12 @@ class SimConfig:
         retry_after_seconds: Retry-After sent with 429 and 503 faults.
         hang_seconds: how long a "hang" or "stall_body" fault holds the connection.
         record_times: keep every request's arrival time per prompt (for retry-timing tests).
+        requests_per_minute, tokens_per_minute: limits over a true sliding window of
+            ``window_seconds`` (tokens = prompt + completion, as usage reports them);
+            requests refused with 429 do not count.
+        rate_limit_style: "openai" (x-ratelimit-* headers on every response, the limit
+            stated in 429 messages), "openrouter" (no headers on success; 429s carry
+            X-RateLimit-* and Retry-After) or "bare" (429 with Retry-After only).
     """
 
     latency_ms: float = 0.0
@@ -93,6 +100,17 @@ class SimConfig:
     retry_after_seconds: float = 1.0
     hang_seconds: float = 600.0
     record_times: bool = False
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    window_seconds: float = 60.0
+    rate_limit_style: str = "openai"
+
+    def __post_init__(self) -> None:
+        for kind in self.faults:
+            if kind not in FAULTS:
+                raise ValueError(f"unknown sim fault {kind!r}; known: {', '.join(FAULTS)}")
+        if self.rate_limit_style not in ("openai", "openrouter", "bare"):
+            raise ValueError(f"rate_limit_style must be openai, openrouter or bare, not {self.rate_limit_style!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> SimConfig:
@@ -116,6 +134,61 @@ class SimCounters:
     faults: Counter[str] = field(default_factory=Counter)
     after_success: Counter[str] = field(default_factory=Counter)  # requests for a prompt already answered ok
     arrivals: dict[str, list[float]] = field(default_factory=dict)  # only with record_times
+    rate_limited: int = 0  # 429s sent because a limit was reached (not injected faults)
+    peak_requests_window: int = 0  # most requests admitted in any window
+    peak_tokens_window: int = 0
+    peak_offered_window: int = 0  # most requests *received* (admitted or refused) in any window
+    admissions: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens); only with record_times
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-able snapshot (``GET /_sim/stats``)."""
+        return {
+            "requests": self.requests, "by_model": dict(self.by_model), "statuses": dict(self.statuses),
+            "faults": dict(self.faults), "rate_limited": self.rate_limited,
+            "duplicates_after_success": sum(self.after_success.values()),
+            "peak_in_flight": self.peak_in_flight, "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens, "peak_requests_window": self.peak_requests_window,
+            "peak_tokens_window": self.peak_tokens_window, "peak_offered_window": self.peak_offered_window,
+            "admissions": self.admissions,
+        }
+
+
+class SlidingWindow:
+    """Amounts admitted in the last ``window`` seconds, exactly (a deque of events)."""
+
+    __slots__ = ("limit", "window", "events", "total", "peak")
+
+    def __init__(self, limit: float, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self.events: deque[tuple[float, int]] = deque()
+        self.total = 0
+        self.peak = 0
+
+    def _expire(self, now: float) -> None:
+        events = self.events
+        while events and events[0][0] <= now - self.window:
+            self.total -= events.popleft()[1]
+
+    def wait_for(self, now: float, amount: int) -> float:
+        """0 if ``amount`` fits now, else seconds until enough of the window has expired."""
+        self._expire(now)
+        excess = self.total + amount - self.limit
+        if excess <= 0:
+            return 0.0
+        for t, a in self.events:
+            excess -= a
+            if excess <= 0:
+                return max(0.001, t + self.window - now)
+        return self.window  # larger than the whole limit: never fits
+
+    def add(self, now: float, amount: int) -> None:
+        self.events.append((now, amount))
+        self.total += amount
+        self.peak = max(self.peak, self.total)
+
+    def reset_in(self, now: float) -> float:
+        return max(0.0, self.events[0][0] + self.window - now) if self.events else 0.0
 
 
 def count_tokens(text: str) -> int:
@@ -289,9 +362,11 @@ class Simulator(_Faults):
         self._succeeded: set[str] = set()
         self._first_request: float | None = None
         self._closing: asyncio.Event | None = None
-        for kind in self.config.faults:
-            if kind not in FAULTS:
-                raise ValueError(f"unknown sim fault {kind!r}; known: {', '.join(FAULTS)}")
+        cfg = self.config
+        w = cfg.window_seconds
+        self._rpm = SlidingWindow(cfg.requests_per_minute, w) if cfg.requests_per_minute else None
+        self._tpm = SlidingWindow(cfg.tokens_per_minute, w) if cfg.tokens_per_minute else None
+        self._offered = SlidingWindow(float("inf"), w)
 
     @property
     def base_url(self) -> str:
@@ -302,6 +377,7 @@ class Simulator(_Faults):
         for prefix in ("/v1", "/api/v1"):
             app.router.add_post(prefix + "/chat/completions", self._chat)
             app.router.add_get(prefix + "/models", self._models)
+        app.router.add_get("/_sim/stats", self._stats)
         return app
 
     async def start(self) -> None:
@@ -329,6 +405,10 @@ class Simulator(_Faults):
         await self.close()
 
     # --- handlers --------------------------------------------------------------
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(self.counters.as_dict(), option=orjson.OPT_NON_STR_KEYS),
+                            content_type="application/json")
 
     async def _models(self, request: web.Request) -> web.Response:
         names = self.config.models or ("openai/gpt-3.5-turbo",)
@@ -400,6 +480,11 @@ class Simulator(_Faults):
             return await self._inject(fault, arg, request, model, messages)
         text, finish = truncate(answer_for(messages), body.get("max_tokens"))
         usage = usage_for(messages, text, model)
+        headers: dict[str, str] | None = None
+        if self._rpm is not None or self._tpm is not None:
+            refused, headers = self._admit(model, usage["total_tokens"])
+            if refused is not None:
+                return refused
         self._succeeded.add(key)
         self.counters.prompt_tokens += usage["prompt_tokens"]
         self.counters.completion_tokens += usage["completion_tokens"]
@@ -418,7 +503,52 @@ class Simulator(_Faults):
             }],
             "usage": usage,
         }
-        return web.Response(body=orjson.dumps(reply), content_type="application/json")
+        return web.Response(body=orjson.dumps(reply), content_type="application/json", headers=headers)
+
+    def _admit(self, model: str, tokens: int) -> tuple[web.Response | None, dict[str, str] | None]:
+        """Enforce the sliding-window limits; returns (429 response or None, headers for a success)."""
+        now = time.monotonic()
+        c = self.counters
+        self._offered.add(now, 1)
+        c.peak_offered_window = self._offered.peak
+        self._offered._expire(now)
+        wait_r = self._rpm.wait_for(now, 1) if self._rpm else 0.0
+        wait_t = self._tpm.wait_for(now, tokens) if self._tpm else 0.0
+        style = self.config.rate_limit_style
+        if wait_r or wait_t:
+            c.rate_limited += 1
+            scope, window = ("requests", self._rpm) if wait_r >= wait_t else ("tokens", self._tpm)
+            assert window is not None
+            wait = max(wait_r, wait_t)
+            unit = "RPM" if scope == "requests" else "TPM"
+            msg = (f"Rate limit reached for {model} on {scope} per min ({unit}): Limit {window.limit:g}, "
+                   f"Used {window.total}, Requested {1 if scope == 'requests' else tokens}. "
+                   f"Please try again in {wait:.3f}s.") if style == "openai" else "Rate limit exceeded"
+            headers = {"Retry-After": f"{wait:.3f}"}
+            if style == "openai":
+                headers.update(self._limit_headers(now))
+            elif style == "openrouter":
+                headers.update({"X-RateLimit-Limit": f"{window.limit:g}", "X-RateLimit-Remaining": "0",
+                                "X-RateLimit-Reset": str(int((time.time() + wait) * 1000))})
+            return _error(429, msg, "rate_limit_exceeded", headers=headers, type=scope), None
+        if self.config.record_times:
+            c.admissions.append((now, tokens))
+        if self._rpm:
+            self._rpm.add(now, 1)
+            c.peak_requests_window = self._rpm.peak
+        if self._tpm:
+            self._tpm.add(now, tokens)
+            c.peak_tokens_window = self._tpm.peak
+        return None, (self._limit_headers(now) if style == "openai" else None)
+
+    def _limit_headers(self, now: float) -> dict[str, str]:
+        h = {}
+        for name, window in (("requests", self._rpm), ("tokens", self._tpm)):
+            if window is not None:
+                h[f"x-ratelimit-limit-{name}"] = f"{window.limit:g}"
+                h[f"x-ratelimit-remaining-{name}"] = f"{max(0, window.limit - window.total):g}"
+                h[f"x-ratelimit-reset-{name}"] = f"{window.reset_in(now) * 1000:.0f}ms"
+        return h
 
 
 class SimThread:
