@@ -1,4 +1,4 @@
-"""Command line: ``batch run | validate | stats | sim``; a thin layer over the Python API.
+"""Command line: ``batch run | validate | stats | compact | sim``; a thin layer over the Python API.
 
 Exit codes: 0 every row ok; 1 finished with some ``error`` rows; 2 invalid job
 or input, nothing sent; 3 stopped early (signal, budget, fatal provider
@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--concurrency", type=int, help="override run.concurrency")
     r.add_argument("--limit", type=int, help="send at most N rows this run (the rest stay for later)")
     r.add_argument("--retry-errors", action="store_true", help="also redo rows that ended as error")
+    r.add_argument("--retry-truncated", action="store_true",
+                   help="also redo rows whose answer was cut at max_tokens (finish_reason length)")
     r.add_argument("--force", action="store_true", help="write into an output made by a different job")
     r.add_argument("--fresh", action="store_true", help="delete earlier results in output.path and start over")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress display")
@@ -42,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="summarise an output directory")
     s.add_argument("output", type=Path)
     s.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("compact", help="write an output's results as one Parquet file")
+    c.add_argument("output", type=Path)
+    c.add_argument("--to", type=Path, help="destination file (default OUTPUT/results.parquet)")
 
     m = sub.add_parser("sim", help="run the OpenAI-compatible simulator on 127.0.0.1")
     m.add_argument("--port", type=int, default=8765)
@@ -69,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stats(args)
         if args.command == "sim":
             return _sim(args)
+        if args.command == "compact":
+            return _compact(args)
     except (JobError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -89,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.concurrency < 1:
             raise JobError("--concurrency: expected a positive integer")
         job = dataclasses.replace(job, run=dataclasses.replace(job.run, concurrency=args.concurrency))
-    options = RunOptions(retry_errors=args.retry_errors, force=args.force, fresh=args.fresh,
+    options = RunOptions(retry_errors=args.retry_errors, retry_truncated=args.retry_truncated, force=args.force, fresh=args.fresh,
                          limit=args.limit, quiet=args.quiet)
     summary = asyncio.run(run_async(job, options))
     if args.json:
@@ -170,6 +178,16 @@ def _stats(args: argparse.Namespace) -> int:
         print(f"{r['run_id']}  {r['provider']}:{r['model']}: {r['requests']} requests, {r['ok']} ok, "
               f"{r['errors']} errors, {r['prompt_tokens']}+{r['completion_tokens']} tokens, ${r['cost_usd']:.6f}")
     print(f"total cost ${sum(r['cost_usd'] for r in rows):.6f}")
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from batch.sinks import compact, reconcile
+
+    reconcile(args.output)
+    dest = args.to or args.output / "results.parquet"
+    rows = compact(args.output, dest)
+    print(f"wrote {rows} rows to {dest}")
     return 0
 
 

@@ -129,6 +129,11 @@ class Target:
     price_in: float | None  # USD per token
     price_out: float | None
 
+    def worst_cost(self, prompt_tokens: int, max_tokens: int) -> float:
+        if self.price_in is None or self.price_out is None:
+            return 0.0  # unknown prices: only the reported spend counts against the budget
+        return prompt_tokens * self.price_in + max_tokens * self.price_out
+
     def cost_of(self, reply: Reply) -> tuple[float | None, str | None]:
         if reply.cost is not None:
             return reply.cost, "provider"
@@ -158,6 +163,34 @@ class Policy:
     spill_on_rate_limit: bool = False  # a row whose model is rate limited moves to the next model
 
 
+class Budget:
+    """``max_cost_usd``: each request reserves its worst case before it is sent.
+
+    Worst case = estimated prompt tokens x input price + max_tokens x output
+    price. The reply's real cost replaces the reservation, so the run never
+    spends past the cap by more than what was already in flight.
+    """
+
+    def __init__(self, max_usd: float | None, *, spent: float = 0.0) -> None:
+        self.max_usd = max_usd
+        self.spent = spent  # earlier runs of the same output count: the cap is for the whole job
+        self.reserved = 0.0
+
+    def reserve(self, amount: float) -> bool:
+        if self.max_usd is None:
+            return True
+        if self.spent + self.reserved + amount > self.max_usd:
+            return False
+        self.reserved += amount
+        return True
+
+    def settle(self, reserved: float, actual: float | None) -> None:
+        if self.max_usd is None:
+            return
+        self.reserved -= reserved
+        self.spent += actual or 0.0
+
+
 class _Row:
     """What one row has spent so far across attempts and models."""
 
@@ -174,8 +207,11 @@ class Router:
     ``concurrency`` of them."""
 
     def __init__(self, session: aiohttp.ClientSession, targets: Sequence[Target], policy: Policy,
-                 on_fatal: Callable[[FatalError], None]) -> None:
+                 on_fatal: Callable[[FatalError], None], budget: Budget | None = None,
+                 on_budget: Callable[[], None] = lambda: None) -> None:
         self.session = session
+        self.budget = budget or Budget(None)
+        self.on_budget = on_budget
         self.targets = list(targets) if policy.fallback else list(targets)[:1]
         self.levels = {t.model: t.level for t in self.targets}
         self.policy = policy
@@ -281,9 +317,22 @@ class Router:
         try:
             await t.limiter.acquire(reserved)
             self._check_stop()
+            worst = t.worst_cost(req.prompt_tokens, self.policy.max_tokens)
+            if not self.budget.reserve(worst):
+                self.stopping = True
+                self.on_budget()
+                raise RunStopped("budget reached")
             row.sent += 1
             t.stats.requests += 1
-            reply = await send(self.session, t.endpoint, t.model, body, self.policy.timeout)
+            try:
+                reply = await send(self.session, t.endpoint, t.model, body, self.policy.timeout)
+            except ProviderError as e:
+                self.budget.settle(worst, e.charged_usd)
+                raise
+            except BaseException:
+                self.budget.settle(worst, worst)  # cancelled mid-flight: assume it was billed
+                raise
+            self.budget.settle(worst, t.cost_of(reply)[0])
             if (r := reply.rate) is not None:
                 t.limiter.observe(r.limit_requests, r.limit_tokens, r.remaining_requests, r.remaining_tokens,
                                   r.reset_requests, r.reset_tokens)

@@ -37,10 +37,11 @@ from batch.limits import ModelLimiter
 from batch.plan import Plan, describe_changes, fingerprint, make_plan, scan
 from batch.progress import Progress, Tally
 from batch.provider import Endpoint, make_endpoint, open_session
-from batch.router import Breaker, Policy, Result, Router, RunStopped, Target, model_prefix
+from batch.router import Breaker, Budget, Policy, Result, Router, RunStopped, Target, model_prefix
 from batch.sim import SimConfig, Simulator
-from batch.sinks import RESULTS_DIR, Ledger, Sink, part_files, read_manifest, result_schema, write_manifest
-from batch.stats import ModelStats, Usage, append_stats, stats_rows
+from batch.sinks import (RESULTS_DIR, Ledger, Sink, part_files, read_manifest, reconcile, result_schema,
+                          set_aside_damaged, write_manifest)
+from batch.stats import ModelStats, Usage, append_stats, previous_cost, stats_rows
 
 GRACE_SECONDS = 30.0
 MONITOR_SECONDS = 0.25
@@ -50,6 +51,7 @@ EXIT_OK, EXIT_ERRORS, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunOptions:
     retry_errors: bool = False
+    retry_truncated: bool = False
     force: bool = False
     fresh: bool = False
     limit: int | None = None
@@ -168,13 +170,13 @@ async def run_async(job: Job, options: RunOptions = RunOptions()) -> Summary:
                          + "; ".join(report.bad_examples))
     out = job.output.path
     manifest = prepare_output(job, plan, options)
+    for name in set_aside_damaged(out):
+        print(f"warning: {out / RESULTS_DIR / name} is damaged (half-written or truncated) and was set aside "
+              f"as .{name}.damaged; its rows will be redone", file=sys.stderr)
+    reconcile(out)  # finish a superseding that a crash interrupted
     ledger = Ledger.read(out)
     summary = Summary(out_dir=out)
-    for name in ledger.damaged:
-        print(f"warning: {out / RESULTS_DIR / name} is damaged and was set aside; its rows will be redone",
-              file=sys.stderr)
-        (out / RESULTS_DIR / name).rename(out / RESULTS_DIR / f".{name}.damaged")
-    skip = ledger.skip_set(options.retry_errors)
+    skip = ledger.skip_set(retry_errors=options.retry_errors, retry_truncated=options.retry_truncated)
     summary.rows_skipped = min(len(skip), report.rows)
     to_do = report.rows - summary.rows_skipped
     if options.limit is not None:
@@ -206,7 +208,12 @@ async def run_async(job: Job, options: RunOptions = RunOptions()) -> Summary:
                             max_rate_limit_waits=job.run.max_rate_limit_waits, max_tokens=plan.max_tokens,
                             length_is_failure=job.run.length_is_failure,
                             spill_on_rate_limit=job.run.spill_on_rate_limit)
-            router = Router(session, targets, policy, on_fatal)
+            def on_budget() -> None:
+                stop.request(f"budget reached: max_cost_usd ${job.run.max_cost_usd} would be passed by the next "
+                             "request. Raise max_cost_usd and rerun to resume.")
+
+            budget = Budget(job.run.max_cost_usd, spent=previous_cost(out))
+            router = Router(session, targets, policy, on_fatal, budget, on_budget)
             await _pump(job, plan, skip, options, router, sink, stop, tally, progress, targets)
             await sink.drain()
             if sink.error is not None:
@@ -217,8 +224,12 @@ async def run_async(job: Job, options: RunOptions = RunOptions()) -> Summary:
     summary.per_model = {(t.provider, t.model): t.stats.freeze(wall) for t in targets}
     summary.wall_seconds = wall
     summary.rows_this_run = tally.done
+    try:
+        reconcile(out)  # rows redone by --retry-* replace their old rows
+    except OSError as exc:
+        stop.request(f"cannot rewrite older parts: {exc}")
     final = Ledger.read(out)
-    summary.rows_ok, summary.rows_error = len(final.ok), len(final.error)
+    summary.rows_ok, summary.rows_error = final.ok, final.errors
     summary.rows_total = summary.rows_ok + summary.rows_error
     summary.stop_reason = stop.reason
     expected = report.rows - (report.bad_rows if job.run.on_bad_row == "skip" else 0)
@@ -227,15 +238,29 @@ async def run_async(job: Job, options: RunOptions = RunOptions()) -> Summary:
         summary.stop_reason = stop.reason or f"{expected - summary.rows_total} rows have no result yet; rerun to resume"
     elif summary.rows_error:
         summary.exit_code = EXIT_ERRORS
+    _finish_output(out, run_id, manifest, entry, summary, tally)
+    return summary
+
+
+def _finish_output(out: Path, run_id: str, manifest: dict[str, object], entry: dict[str, object],
+                   summary: Summary, tally: Tally) -> None:
+    """Write stats.parquet and the manifest. Requests were sent, so a failure here is exit 3
+    (the results on disk are intact and a rerun resumes), never exit 2."""
+    problems = []
     try:
         append_stats(out, stats_rows(run_id, summary.per_model))
     except OSError as exc:
-        progress.message(f"warning: could not write stats.parquet: {exc}")
-    entry.update(ended=_now(), outcome="stopped" if stop.reason else "completed", stop_reason=stop.reason,
-                 rows_this_run=tally.done, rows_ok=summary.rows_ok, rows_error=summary.rows_error,
-                 exit_code=summary.exit_code)
-    write_manifest(out, manifest)
-    return summary
+        problems.append(f"could not write stats.parquet ({exc}); this run's figures are only in the summary")
+    entry.update(ended=_now(), outcome="stopped" if summary.stop_reason else "completed",
+                 stop_reason=summary.stop_reason, rows_this_run=tally.done, rows_ok=summary.rows_ok,
+                 rows_error=summary.rows_error, exit_code=summary.exit_code)
+    try:
+        write_manifest(out, manifest)
+    except OutputError as exc:
+        problems.append(str(exc))
+    if problems:
+        summary.exit_code = EXIT_STOPPED
+        summary.stop_reason = "; ".join(filter(None, [summary.stop_reason, *problems]))
 
 
 async def _pump(job: Job, plan: Plan, skip: pa.Array, options: RunOptions, router: Router, sink: Sink,
@@ -290,9 +315,6 @@ async def _pump(job: Job, plan: Plan, skip: pa.Array, options: RunOptions, route
                     tally.cost_usd += result.cost_usd
             else:
                 tally.errors += 1
-            if job.run.max_cost_usd is not None and tally.cost_usd >= job.run.max_cost_usd:
-                stop.request(f"budget reached: ${tally.cost_usd:.4f} of max_cost_usd ${job.run.max_cost_usd}. "
-                             "Raise max_cost_usd and rerun to resume.")
 
     async def monitor() -> None:
         while True:

@@ -184,34 +184,115 @@ def part_files(results: Path) -> list[Path]:
 
 
 class Ledger:
-    """Ids already in the output, by status; answers "skip this id?" per batch in Arrow."""
+    """What the output already holds, one entry per id; answers "skip this id?" per batch in Arrow."""
 
-    def __init__(self, ok: pa.Array, error: pa.Array, damaged: list[str]) -> None:
-        self.ok = ok
-        self.error = error
-        self.damaged = damaged  # part files that could not be read (named in a warning)
+    def __init__(self, ids: pa.Array, status: pa.Array, finish: pa.Array) -> None:
+        self.ids = ids
+        self.status = status
+        self.finish = finish
 
     @classmethod
     def read(cls, out_dir: Path) -> Ledger:
-        ok: list[pa.Array] = []
-        err: list[pa.Array] = []
-        damaged = []
-        for path in part_files(out_dir / RESULTS_DIR):
-            try:
-                t = pq.read_table(path, columns=["id", "status"])
-            except (pa.ArrowException, OSError):
-                damaged.append(path.name)
-                continue
-            is_ok = pc.equal(t["status"], "ok")
-            ok.append(pc.filter(t["id"], is_ok).combine_chunks())
-            err.append(pc.filter(t["id"], pc.invert(is_ok)).combine_chunks())
-        empty = pa.array([], pa.string())
-        return cls(pa.concat_arrays(ok) if ok else empty, pa.concat_arrays(err) if err else empty, damaged)
+        tables = [pq.read_table(p, columns=["id", "status", "finish_reason"]) for p in part_files(out_dir / RESULTS_DIR)]
+        if not tables:
+            empty = pa.array([], pa.string())
+            return cls(empty, empty, empty)
+        t = pa.concat_tables(tables).combine_chunks()
+        return cls(t["id"].chunk(0) if t.num_rows else pa.array([], pa.string()),
+                   t["status"].chunk(0) if t.num_rows else pa.array([], pa.string()),
+                   t["finish_reason"].chunk(0) if t.num_rows else pa.array([], pa.string()))
 
-    def skip_set(self, retry_errors: bool) -> pa.Array:
-        if retry_errors or len(self.error) == 0:
-            return self.ok
-        return pa.concat_arrays([self.ok, self.error])
+    @property
+    def ok(self) -> int:
+        return int(pc.sum(pc.equal(self.status, "ok")).as_py() or 0)
+
+    @property
+    def errors(self) -> int:
+        return len(self.ids) - self.ok
+
+    def skip_set(self, *, retry_errors: bool, retry_truncated: bool) -> pa.Array:
+        """Ids this run leaves alone: ok rows, and error rows unless they are to be redone."""
+        keep = pc.equal(self.status, "ok") if retry_errors else pa.array([True] * len(self.ids))
+        if retry_truncated and len(self.ids):
+            keep = pc.and_(keep, pc.invert(pc.fill_null(pc.equal(self.finish, "length"), False)))
+        return pc.filter(self.ids, keep) if len(self.ids) else self.ids
+
+
+def set_aside_damaged(out_dir: Path) -> list[str]:
+    """Rename part files that cannot be read to hidden ``.NAME.damaged``; their rows are redone."""
+    damaged = []
+    for path in part_files(out_dir / RESULTS_DIR):
+        try:
+            pq.read_metadata(path)
+            pq.read_table(path, columns=["id", "status"])
+        except (pa.ArrowException, OSError):
+            path.rename(path.with_name(f".{path.name}.damaged"))
+            damaged.append(path.name)
+    return damaged
+
+
+def reconcile(out_dir: Path) -> int:
+    """Keep only the newest row of every id: rewrite older parts without superseded rows.
+
+    A rerun with --retry-errors or --retry-truncated writes the new answer in a
+    new part first; this then removes the old row, each older part replaced
+    atomically. A crash in between leaves both rows, and the next run's
+    reconcile (which runs first) finishes the job. Returns rows removed.
+    """
+    parts = part_files(out_dir / RESULTS_DIR)
+    if len(parts) < 2:
+        return 0
+    ids = [pq.read_table(p, columns=["id"])["id"] for p in parts]
+    numbered = pa.table({
+        "id": pa.chunked_array([c for col in ids for c in col.chunks], pa.string()),
+        "part": pa.array([i for i, col in enumerate(ids) for _ in range(len(col))], pa.int32()),
+    })
+    latest = numbered.group_by("id").aggregate([("part", "max"), ("part", "count")])
+    dup = latest.filter(pc.greater(latest["part_count"], 1))
+    if dup.num_rows == 0:
+        return 0
+    newest = dict(zip(dup["id"].to_pylist(), dup["part_max"].to_pylist()))
+    removed = 0
+    for i, path in enumerate(parts):
+        stale = [rid in newest and newest[rid] != i for rid in ids[i].to_pylist()]
+        if not any(stale):
+            continue
+        table = pq.read_table(path)
+        kept = table.filter(pc.invert(pa.array(stale)))
+        removed += table.num_rows - kept.num_rows
+        if kept.num_rows == 0:
+            path.unlink()
+        else:
+            tmp = path.with_name(f".{path.name}.tmp")
+            pq.write_table(kept, tmp, compression="zstd")
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+    return removed
+
+
+def compact(out_dir: Path, dest: Path) -> int:
+    """Write the whole results dataset as one Parquet file (atomically); returns its rows."""
+    parts = part_files(out_dir / RESULTS_DIR)
+    if not parts:
+        raise OutputError(f"{out_dir}: no results to compact")
+    schema = pq.read_schema(parts[0])
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for path in parts:  # one part in memory at a time
+                table = pq.read_table(path).cast(schema)
+                writer.write_table(table)
+                rows += table.num_rows
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{dest}: cannot write: {exc.strerror or exc}") from None
+    return rows
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any] | None:

@@ -146,3 +146,14 @@ def append_stats(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def previous_cost(out_dir: Path) -> float:
+    """What earlier runs of this output spent (including billed failures), from stats.parquet."""
+    path = out_dir / STATS_FILE
+    if not path.exists():
+        return 0.0
+    try:
+        return float(sum(pq.read_table(path, columns=["cost_usd"])["cost_usd"].to_pylist()))
+    except (pa.ArrowException, OSError):
+        return 0.0
