@@ -1,4 +1,4 @@
-"""Command line: ``batch run | validate | stats | compact | sim``; a thin layer over the Python API.
+"""Command line: ``batch run | validate | estimate | stats | compact | sim``; a thin layer over the Python API.
 
 Exit codes: 0 every row ok; 1 finished with some ``error`` rows; 2 invalid job
 or input, nothing sent; 3 stopped early (signal, budget, fatal provider
@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check the job file and the whole input; send nothing")
     v.add_argument("job", type=Path)
 
+    e = sub.add_parser("estimate", help="tokens and cost range of a job, from its input; send nothing")
+    e.add_argument("job", type=Path)
+    e.add_argument("--json", action="store_true")
+
     s = sub.add_parser("stats", help="summarise an output directory")
     s.add_argument("output", type=Path)
     s.add_argument("--json", action="store_true")
@@ -77,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sim(args)
         if args.command == "compact":
             return _compact(args)
+        if args.command == "estimate":
+            return _estimate(args)
     except (JobError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -167,17 +173,53 @@ def _validate(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
+    from batch.sinks import Ledger, part_files
+
     path = args.output / "stats.parquet"
     if not path.exists():
         raise OutputError(f"{path}: not found; is {args.output} the output.path of a job that has run?")
-    rows = pq.read_table(path).to_pylist()
+    runs = pq.read_table(path).to_pylist()
+    for r in runs:
+        r["errors_by_type"] = dict(r["errors_by_type"] or [])
+    sums = ("requests", "ok", "errors", "retries", "rate_limited", "fallbacks_in", "prompt_tokens",
+            "completion_tokens", "cost_usd", "charged_failures")
+    models: dict[str, dict[str, float]] = {}
+    for r in runs:
+        m = models.setdefault(f"{r['provider']}:{r['model']}", dict.fromkeys(sums, 0))
+        for k in sums:
+            m[k] += r[k]
+    total = {k: sum(m[k] for m in models.values()) for k in sums}
+    ledger = Ledger.read(args.output)
+    row_cost = sum(float(pq.read_table(p, columns=["cost_usd"])["cost_usd"].fill_null(0).to_numpy().sum())
+                   for p in part_files(args.output / "results"))
+    results = {"rows": len(ledger.ids), "ok": ledger.ok, "error": ledger.errors, "cost_usd": row_cost}
     if args.json:
-        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2, default=str).decode())
+        print(orjson.dumps({"runs": runs, "models": models, "total": total, "results": results},
+                           option=orjson.OPT_INDENT_2).decode())
         return 0
-    for r in rows:
-        print(f"{r['run_id']}  {r['provider']}:{r['model']}: {r['requests']} requests, {r['ok']} ok, "
-              f"{r['errors']} errors, {r['prompt_tokens']}+{r['completion_tokens']} tokens, ${r['cost_usd']:.6f}")
-    print(f"total cost ${sum(r['cost_usd'] for r in rows):.6f}")
+    head = f"{'run':24} {'model':34} {'requests':>8} {'ok':>7} {'errors':>6} {'retries':>7} {'429s':>5} " \
+           f"{'prompt':>9} {'completion':>10} {'cost_usd':>10} {'p50 ms':>7} {'p95 ms':>7}"
+    print(head)
+    for r in runs:
+        print(f"{r['run_id']:24} {r['provider'] + ':' + r['model']:34} {r['requests']:8} {r['ok']:7} "
+              f"{r['errors']:6} {r['retries']:7} {r['rate_limited']:5} {r['prompt_tokens']:9} "
+              f"{r['completion_tokens']:10} {r['cost_usd']:10.6f} {r['latency_p50_ms'] or 0:7.1f} "
+              f"{r['latency_p95_ms'] or 0:7.1f}")
+    print()
+    for name, m in models.items():
+        print(f"{'all runs':24} {name:34} {m['requests']:8} {m['ok']:7} {m['errors']:6} {m['retries']:7} "
+              f"{m['rate_limited']:5} {m['prompt_tokens']:9} {m['completion_tokens']:10} {m['cost_usd']:10.6f}")
+    per_k = total["cost_usd"] / results["rows"] * 1000 if results["rows"] else 0.0
+    print(f"\ntotal cost ${total['cost_usd']:.6f} (${per_k:.4f} per 1,000 rows); results: {results['rows']} rows, "
+          f"{results['ok']} ok, {results['error']} error")
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from batch.estimate import estimate, format_estimate
+
+    est = estimate(load_job(args.job))
+    print(orjson.dumps(est.as_dict(), option=orjson.OPT_INDENT_2).decode() if args.json else format_estimate(est))
     return 0
 
 

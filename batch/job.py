@@ -82,6 +82,7 @@ class RunSpec:
     length_is_failure: bool = False  # a reply cut at max_tokens falls back to the next model
     give_up_seconds: float = 600.0  # stop the run (exit 3) when no model has answered for this long
     spill_on_rate_limit: bool = False  # rows move to the next model while the primary is rate limited
+    check_models: bool = False  # GET {base_url}/models first: live prices, context windows, missing models
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -340,6 +341,7 @@ def _run(raw: dict[str, Any], p: _Problems) -> RunSpec:
         length_is_failure=_get(raw, "length_is_failure", bool, w, p, d.length_is_failure),
         give_up_seconds=_get(raw, "give_up_seconds", float, w, p, d.give_up_seconds),
         spill_on_rate_limit=_get(raw, "spill_on_rate_limit", bool, w, p, d.spill_on_rate_limit),
+        check_models=_get(raw, "check_models", bool, w, p, d.check_models),
     )
 
 
@@ -360,6 +362,7 @@ SIM_KEYS: dict[str, type] = {
     "hang_seconds": float,
     "window_seconds": float,
     "rate_limit_style": str,
+    "report_cost": bool,
 }
 
 

@@ -23,6 +23,7 @@ from batch.errors import InputError
 from batch.job import Job
 from batch.prompts import PromptBuilder, Request
 from batch.sources import MISSING, RowBatch, count_rows, read_batches
+from batch.tokens import HEURISTIC, TokenCounter
 
 MAX_REPORTED = 5
 DEFAULT_MAX_TOKENS = 256  # completion reserve when the job sets no max_tokens
@@ -45,12 +46,13 @@ class Plan:
         return int(value) if isinstance(value, int) and value > 0 else DEFAULT_MAX_TOKENS
 
 
-def make_plan(job: Job) -> Plan:
+def make_plan(job: Job, counter: TokenCounter = HEURISTIC) -> Plan:
     inp = job.input
     chain = "|".join(f"{m.provider}:{m.model}" for m in job.models)
     builder = PromptBuilder(
         template=inp.template, messages_column=inp.messages_column, system=inp.system,
         id_column=inp.id_column, keep_columns=inp.keep_columns, request_fields=job.request, chain_key=chain,
+        counter=counter,
     )
     return Plan(job, builder, _keep_types(job), count_rows(inp.path, inp.format))
 

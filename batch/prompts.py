@@ -14,7 +14,6 @@ the router turns it into an ``error`` row without sending anything.
 from __future__ import annotations
 
 import hashlib
-import math
 import string
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,13 +23,8 @@ import orjson
 
 from batch.errors import JobError
 from batch.sources import MISSING, RowBatch
+from batch.tokens import HEURISTIC, TokenCounter, heuristic_tokens
 
-# Heuristic token count when tiktoken is not installed: about four characters
-# per token for English text, plus OpenAI's per-message framing (4 tokens per
-# message, 3 to prime the reply). Within ~10% on prose; see README.
-CHARS_PER_TOKEN = 4.0
-TOKENS_PER_MESSAGE = 4
-TOKENS_REPLY_PRIMER = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +84,9 @@ class PromptBuilder:
         keep_columns: Sequence[str],
         request_fields: Mapping[str, Any],
         chain_key: str,
+        counter: TokenCounter = HEURISTIC,
     ) -> None:
+        self.count_tokens = counter.count
         self.template = Template.compile(template) if template is not None else None
         self.messages_column = messages_column
         self.system = system
@@ -150,7 +146,7 @@ class PromptBuilder:
                 messages.insert(0, sys_msg)
             tail = orjson.dumps({"messages": messages, **fields})[1:]
             digest = hashlib.blake2b(chain_key + tail, digest_size=16).hexdigest()
-            yield Request(rid, index, tail, estimate_tokens(messages), digest, keep)
+            yield Request(rid, index, tail, self.count_tokens(messages), digest, keep)
 
     def _from_template(
         self, fmt: str, values: tuple[Any, ...], batch: RowBatch, i: int
@@ -181,12 +177,5 @@ def _check_messages(value: Any, where: str, column: str) -> tuple[list[dict[str,
 
 
 def estimate_tokens(messages: list[dict[str, Any]]) -> int:
-    """Prompt tokens by the documented heuristic (see CHARS_PER_TOKEN)."""
-    chars = 0
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif content is not None:
-            chars += len(orjson.dumps(content))
-    return math.ceil(chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(messages) + TOKENS_REPLY_PRIMER
+    """Prompt tokens by the documented heuristic (batch/tokens.py)."""
+    return heuristic_tokens(messages)

@@ -294,3 +294,47 @@ def rate_info(headers: Mapping[str, str], *, always: bool = False) -> RateInfo |
         limit_requests=num("x-ratelimit-limit-requests"),
         limit_tokens=num("x-ratelimit-limit-tokens"),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """One entry of ``GET {base_url}/models`` (OpenRouter's shape): prices in USD per token."""
+
+    context_length: int | None
+    price_input: float | None
+    price_output: float | None
+
+
+async def fetch_models(session: aiohttp.ClientSession, endpoint: Endpoint, timeout: float = 30) -> dict[str, ModelInfo]:
+    """The provider's model list, for live prices and context windows before a run."""
+    url = endpoint.url.removesuffix("/chat/completions") + "/models"
+    try:
+        async with asyncio.timeout(timeout):
+            async with session.get(url, headers=endpoint.headers) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise classify(resp.status, raw, resp.headers, "")
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise TransientError(f"cannot list models at {url}: {exc}", kind="connection") from None
+    try:
+        entries = orjson.loads(raw)["data"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        raise TransientError(f"{url} did not return a model list", kind="bad_response") from None
+    models = {}
+    for e in entries:
+        if not isinstance(e, dict) or "id" not in e:
+            continue
+        pricing = e.get("pricing") or {}
+        models[e["id"]] = ModelInfo(
+            context_length=e.get("context_length"),
+            price_input=_price(pricing.get("prompt")),
+            price_output=_price(pricing.get("completion")),
+        )
+    return models
+
+
+def _price(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None

@@ -57,6 +57,8 @@ class Result(NamedTuple):
     attempts: int
     prompt_tokens: int | None
     completion_tokens: int | None
+    cached_tokens: int | None
+    reasoning_tokens: int | None
     cost_usd: float | None
     cost_source: str | None  # "provider" | "price_table" | None
     latency_ms: float | None
@@ -376,12 +378,13 @@ class Router:
         s.latencies.append(reply.latency_ms)
         level = self.levels.get(reply.model, t.level)  # OpenRouter's own fallback may have answered
         return Result(req.id, "ok", reply.text, reply.finish_reason, reply.model, t.provider, level,
-                      row.sent, reply.prompt_tokens, reply.completion_tokens, cost, source,
+                      row.sent, reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens,
+                      reply.reasoning_tokens, cost, source,
                       round(reply.latency_ms, 3), None, None, req.request_hash, req.keep)
 
 
 def _error(req: Request, kind: str, message: str, *, attempts: int, level: int | None = None,
            model: str | None = None, charged: float = 0.0) -> Result:
-    return Result(req.id, "error", None, None, model or None, None, level, attempts, None, None,
+    return Result(req.id, "error", None, None, model or None, None, level, attempts, None, None, None, None,
                   charged or None, "provider" if charged else None, None, kind, message, req.request_hash,
                   req.keep)

@@ -27,16 +27,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import aiohttp
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from batch.catalog import SIM_BASE_URL, facts_for
-from batch.errors import FatalError, InputError, OutputError
+from batch.errors import FatalError, InputError, OutputError, ProviderError
 from batch.job import Job
 from batch.limits import ModelLimiter
 from batch.plan import Plan, describe_changes, fingerprint, make_plan, scan
 from batch.progress import Progress, Tally
-from batch.provider import Endpoint, make_endpoint, open_session
+from batch.provider import Endpoint, ModelInfo, fetch_models, make_endpoint, open_session
 from batch.router import Breaker, Budget, Policy, Result, Router, RunStopped, Target, model_prefix
 from batch.sim import SimConfig, Simulator
 from batch.sinks import (RESULTS_DIR, Ledger, Sink, part_files, read_manifest, reconcile, result_schema,
@@ -146,6 +147,29 @@ def _targets(job: Job, sim_url: str | None) -> list[Target]:
     return targets
 
 
+async def _check_models(job: Job, session: aiohttp.ClientSession, targets: list[Target],
+                        progress: Progress) -> None:
+    """Live prices and availability from each provider's model list (run.check_models)."""
+    listings: dict[str, dict[str, ModelInfo]] = {}
+    for t in targets:
+        if t.provider not in listings:
+            try:
+                listings[t.provider] = await fetch_models(session, t.endpoint)
+            except ProviderError as exc:
+                progress.message(f"warning: {t.provider}: {exc}; using built-in prices")
+                listings[t.provider] = {}
+        info = listings[t.provider].get(t.model)
+        spec = job.models[t.level]
+        if info is None:
+            if listings[t.provider]:
+                progress.message(f"warning: {t.provider} does not list {t.model}; its rows will fall back")
+            continue
+        if spec.price_input_per_million is None and info.price_input is not None:
+            t.price_in = info.price_input
+        if spec.price_output_per_million is None and info.price_output is not None:
+            t.price_out = info.price_output
+
+
 @contextlib.asynccontextmanager
 async def _maybe_sim(job: Job) -> AsyncIterator[str | None]:
     if any(job.providers[m.provider].base_url == SIM_BASE_URL for m in job.models):
@@ -212,6 +236,8 @@ async def run_async(job: Job, options: RunOptions = RunOptions()) -> Summary:
                 stop.request(f"budget reached: max_cost_usd ${job.run.max_cost_usd} would be passed by the next "
                              "request. Raise max_cost_usd and rerun to resume.")
 
+            if job.run.check_models:
+                await _check_models(job, session, targets, progress)
             budget = Budget(job.run.max_cost_usd, spent=previous_cost(out))
             router = Router(session, targets, policy, on_fatal, budget, on_budget)
             await _pump(job, plan, skip, options, router, sink, stop, tally, progress, targets)
@@ -306,7 +332,7 @@ async def _pump(job: Job, plan: Plan, skip: pa.Array, options: RunOptions, route
             except Exception as exc:  # a bug in batch, not a provider failure: never retried
                 progress.message("internal error:\n" + "".join(traceback.format_exception(exc)))
                 result = Result(req.id, "error", None, None, None, None, None, 0, None, None, None, None,  # type: ignore[attr-defined]
-                                None, "internal", f"{type(exc).__name__}: {exc}", req.request_hash, req.keep)  # type: ignore[attr-defined]
+                                None, None, None, "internal", f"{type(exc).__name__}: {exc}", req.request_hash, req.keep)  # type: ignore[attr-defined]
             sink.add(result)
             tally.done += 1
             if result.status == "ok":

@@ -37,6 +37,7 @@ BASE_FIELDS: list[tuple[str, pa.DataType]] = [
     ("id", pa.string()), ("status", pa.string()), ("output", pa.string()), ("finish_reason", pa.string()),
     ("model", pa.string()), ("provider", pa.string()), ("fallback_level", pa.int32()),
     ("attempts", pa.int32()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
+    ("cached_tokens", pa.int64()), ("reasoning_tokens", pa.int64()),
     ("cost_usd", pa.float64()), ("cost_source", pa.string()), ("latency_ms", pa.float64()),
     ("error_type", pa.string()), ("error_message", pa.string()), ("request_hash", pa.string()),
 ]

@@ -28,7 +28,7 @@ def test_max_tokens_truncates_with_length() -> None:
     """An answer longer than max_tokens is cut and marked finish_reason=length."""
     text, finish = truncate("one two three four", 2)
     assert (text, finish) == ("one two", "length")
-    assert count_tokens("internationalization!") == 6  # 20 letters in pieces of 4, plus "!"
+    assert count_tokens("internationalization!") == 4  # 20 letters in pieces of 8, plus "!"
 
 
 def test_chat_completion_shape_and_counters() -> None:

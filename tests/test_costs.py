@@ -1,0 +1,106 @@
+"""Usage and cost: per row, per model, per run, before the run, all adding up to the cent."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+
+from batch.sim import SimThread
+from tests.conftest import run_cli, write_job, write_jsonl
+
+Factory = Callable[..., SimThread]
+GPT = {"provider": "local", "model": "openai/gpt-3.5-turbo"}
+
+
+def rows(n: int) -> list[dict[str, object]]:
+    return [{"id": f"r{i}", "text": f"review {i}: " + "quite good " * (i % 7)} for i in range(n)]
+
+
+def results(tmp: Path) -> pd.DataFrame:
+    return ds.dataset(tmp / "out" / "results", format="parquet").to_table().to_pandas()
+
+
+class TestAddingUp:
+    def test_rows_stats_and_batch_stats_agree_and_match_the_price_table(self, tmp_path: Path,
+                                                                        sim_factory: Factory) -> None:
+        """Sum over rows == stats.parquet == `batch stats --json`, and == usage x $0.50/$1.50 per million."""
+        sim = sim_factory()
+        job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(800)), base_url=sim.base_url,
+                        models=[GPT])
+        assert run_cli("run", str(job), "--quiet").returncode == 0
+        df = results(tmp_path)
+        stats = pd.read_parquet(tmp_path / "out" / "stats.parquet")
+        report = json.loads(run_cli("stats", str(tmp_path / "out"), "--json").stdout)
+        row_cost = df["cost_usd"].sum()
+        assert round(row_cost, 2) == round(stats["cost_usd"].sum(), 2) == round(report["total"]["cost_usd"], 2)
+        assert row_cost == pytest.approx(stats["cost_usd"].sum(), abs=1e-12)
+        assert row_cost == pytest.approx(report["results"]["cost_usd"], abs=1e-12)
+        priced = (df["prompt_tokens"].sum() * 0.50 + df["completion_tokens"].sum() * 1.50) / 1e6
+        assert row_cost == pytest.approx(priced, rel=1e-9)
+        assert (df["cost_source"] == "provider").all()
+
+    def test_price_table_when_the_provider_reports_no_cost(self, tmp_path: Path, sim_factory: Factory) -> None:
+        """Without usage.cost, cost comes from the job's price override (else the built-in table)."""
+        sim = sim_factory(report_cost=False)
+        model = {**GPT, "price_input_per_million": 2.0, "price_output_per_million": 4.0}
+        job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(50)), base_url=sim.base_url,
+                        models=[model])
+        assert run_cli("run", str(job), "--quiet").returncode == 0
+        df = results(tmp_path)
+        assert (df["cost_source"] == "price_table").all()
+        expected = (df["prompt_tokens"] * 2.0 + df["completion_tokens"] * 4.0) / 1e6
+        assert df["cost_usd"].tolist() == pytest.approx(expected.tolist(), rel=1e-12)
+
+    def test_live_prices_from_the_model_list(self, tmp_path: Path, sim_factory: Factory) -> None:
+        """run.check_models reads prices from GET /models for a model batch has no price for."""
+        sim = sim_factory(report_cost=False, models=("vendor/unknown-model",))
+        job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(20)), base_url=sim.base_url,
+                        models=[{"provider": "local", "model": "vendor/unknown-model"}], run={"check_models": True})
+        assert run_cli("run", str(job), "--quiet").returncode == 0
+        df = results(tmp_path)
+        expected = (df["prompt_tokens"] * 1.0 + df["completion_tokens"] * 2.0) / 1e6  # the sim's listed prices
+        assert df["cost_usd"].tolist() == pytest.approx(expected.tolist(), rel=1e-9)
+
+    def test_billed_failures_are_counted(self, tmp_path: Path, sim_factory: Factory) -> None:
+        """A failed attempt the provider still billed is in the row's cost and in stats; sums still agree."""
+        sim = sim_factory(schedule={"*": ["finish_error", "ok"]})
+        job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(30)), base_url=sim.base_url,
+                        models=[GPT])
+        assert run_cli("run", str(job), "--quiet").returncode == 0
+        df = results(tmp_path)
+        stats = pd.read_parquet(tmp_path / "out" / "stats.parquet")
+        assert stats["charged_failures"].sum() == 30
+        assert df["cost_usd"].sum() == pytest.approx(stats["cost_usd"].sum(), abs=1e-12)
+        answer_only = (df["prompt_tokens"] * 0.5 + df["completion_tokens"] * 1.5) / 1e6
+        assert (df["cost_usd"] > answer_only).all()
+
+
+class TestEstimate:
+    def test_estimate_is_within_10_percent_of_what_the_run_reports(self, tmp_path: Path) -> None:
+        """`batch estimate --json` on the demo job: prompt tokens within 10% of the simulator's usage."""
+        proc = run_cli("estimate", "jobs/demo.toml", "--json")
+        assert proc.returncode == 0, proc.stderr
+        est = json.loads(proc.stdout)
+        assert est["rows"] == 300 and est["token_counter"].startswith(("heuristic", "tiktoken"))
+        model = est["models"][0]
+        assert model["cost_usd_min"] <= model["cost_usd_max"]
+        out = tmp_path / "demo"
+        assert run_cli("run", "jobs/demo.toml", "--output", str(out), "--quiet").returncode == 0
+        actual = pd.read_parquet(out / "results")["prompt_tokens"].sum()
+        assert abs(est["prompt_tokens"] - actual) / actual < 0.10
+        assert est["completion_tokens_min"] <= pd.read_parquet(out / "results")["completion_tokens"].sum() \
+            <= est["completion_tokens_max"]
+
+    def test_rows_over_a_context_window_are_flagged(self, tmp_path: Path) -> None:
+        """Rows too long for a model's window are counted per model, and nothing is sent."""
+        data = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "hi"}, {"id": "b", "text": "word " * 400}])
+        job = write_job(tmp_path, input_path=data, base_url="http://127.0.0.1:9/v1",
+                        models=[{"provider": "local", "model": "small", "context_window": 100,
+                                 "price_input_per_million": 1.0, "price_output_per_million": 1.0}, GPT])
+        est = json.loads(run_cli("estimate", str(job), "--json").stdout)
+        assert [m["rows_over_context"] for m in est["models"]] == [1, 0]
