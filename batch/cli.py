@@ -18,6 +18,7 @@ import orjson
 
 from batch.errors import BatchError, InputError, JobError, OutputError
 from batch.job import load_job
+from batch.plan import make_plan, scan
 from batch.runner import EXIT_INVALID, EXIT_STOPPED, RunOptions, Summary, run_async
 
 
@@ -154,20 +155,34 @@ def format_summary(s: Summary) -> str:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from batch.plan import make_plan, scan
+    from batch.estimate import estimate
 
     job = load_job(args.job)
     plan = make_plan(job)
     report = scan(plan)
-    print(f"{args.job}: job file ok; {report.rows} rows in {job.input.path.name}")
-    for problem in report.blocking:
+    est = estimate(job)
+    print(f"{args.job}: job file ok; {report.rows} rows in {job.input.path}")
+    blocking = report.blocking(job.run.on_bad_row)
+    for problem in blocking:
         print(f"  blocking: {problem}")
     if report.bad_rows:
-        print(f"  {report.bad_rows} rows cannot be sent (run.on_bad_row = {job.run.on_bad_row!r}), e.g.:")
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(report.bad_by_type.items()))
+        fate = {"error": "they will be error rows", "skip": "they will be left out",
+                "fail": "the run will not start"}[job.run.on_bad_row]
+        print(f"  {report.bad_rows} rows cannot be sent ({kinds}); run.on_bad_row = {job.run.on_bad_row!r}: {fate}")
         for example in report.bad_examples:
             print(f"    {example}")
-    blocked = bool(report.blocking) or (report.bad_rows > 0 and job.run.on_bad_row == "fail")
-    return EXIT_INVALID if blocked else 0
+    if report.bad_lines and job.run.on_bad_row == "skip":
+        print(f"  {report.bad_lines} malformed lines will be left out, e.g. {report.bad_line_examples[0]}")
+    smallest = min((m for m in est.models if m.context_window), key=lambda m: m.context_window or 0, default=None)
+    if smallest is not None and smallest.rows_over_context:
+        after = [m for m in est.models if m.context_window and m.context_window > (smallest.context_window or 0)]
+        fate = (f"they fall back to {after[0].model}" if after else
+                "no model has a larger window: they will be error rows with error_type context_length")
+        print(f"  {smallest.rows_over_context} rows exceed the {smallest.context_window}-token window of "
+              f"{smallest.model} (prompt estimate + max_tokens); {fate}")
+    print("  blocked: fix the problems above; nothing can be sent" if blocking else "  ready to run")
+    return EXIT_INVALID if blocking else 0
 
 
 def _stats(args: argparse.Namespace) -> int:

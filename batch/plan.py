@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from batch.errors import InputError
 from batch.job import Job
 from batch.prompts import PromptBuilder, Request
-from batch.sources import MISSING, RowBatch, count_rows, read_batches
+from batch.sources import MISSING, BadLine, RowBatch, count_rows, read_batches
 from batch.tokens import HEURISTIC, TokenCounter
 
 MAX_REPORTED = 5
@@ -36,8 +36,8 @@ class Plan:
     keep_types: list[tuple[str, pa.DataType]]
     total_rows: int | None
 
-    def batches(self) -> Iterator[RowBatch]:
-        return read_batches(self.job.input.path, self.job.input.format, self.builder.columns)
+    def batches(self, on_bad_line: BadLine | None = None) -> Iterator[RowBatch]:
+        return read_batches(self.job.input.path, self.job.input.format, self.builder.columns, on_bad_line)
 
     @property
     def max_tokens(self) -> int:
@@ -71,34 +71,101 @@ def _keep_types(job: Job) -> list[tuple[str, pa.DataType]]:
 
 @dataclass(slots=True)
 class ScanReport:
-    rows: int = 0
-    bad_rows: int = 0
-    bad_examples: list[str] = field(default_factory=list)
-    duplicates: list[str] = field(default_factory=list)
+    """Everything wrong with an input, found in one streaming pass."""
 
-    @property
-    def blocking(self) -> list[str]:
-        if not self.duplicates:
-            return []
-        return [f"duplicate id {d}" for d in self.duplicates]
+    rows: int = 0
+    bad_lines: int = 0  # lines that are not a JSON object
+    bad_line_examples: list[str] = field(default_factory=list)
+    missing_ids: int = 0
+    missing_id_examples: list[str] = field(default_factory=list)
+    bad_rows: int = 0  # rows that cannot become a request (null or missing field, bad messages)
+    bad_examples: list[str] = field(default_factory=list)
+    bad_by_type: dict[str, int] = field(default_factory=dict)
+    duplicates: list[str] = field(default_factory=list)
+    column_problems: list[str] = field(default_factory=list)
+
+    def blocking(self, on_bad_row: str) -> list[str]:
+        """Problems that stop a run before anything is sent (exit 2)."""
+        problems = list(self.column_problems)
+        if self.rows == 0 and not self.bad_lines:
+            problems.append("the input has no rows")
+        if self.duplicates:
+            problems.append("ids must be unique; repeated: " + "; ".join(self.duplicates))
+        if on_bad_row != "skip":
+            if self.bad_lines:
+                problems.append(f"{self.bad_lines} lines are not JSON objects, e.g. "
+                                + "; ".join(self.bad_line_examples)
+                                + " (fix them, or set run.on_bad_row = \"skip\" to leave them out)")
+            if self.missing_ids:
+                problems.append(f"{self.missing_ids} rows have no id, e.g. " + "; ".join(self.missing_id_examples)
+                                + " (every row needs an id to be resumable; or set run.on_bad_row = \"skip\")")
+        if on_bad_row == "fail" and self.bad_rows:
+            problems.append(f"{self.bad_rows} rows cannot be sent (run.on_bad_row = \"fail\"), e.g. "
+                            + "; ".join(self.bad_examples))
+        return problems
 
 
 def scan(plan: Plan) -> ScanReport:
-    """Read the whole input once; report duplicate ids and rows that cannot be sent."""
+    """Read the whole input once; report what would stop or spoil a run."""
     report = ScanReport()
+
+    def bad_line(lineno: int, message: str) -> None:
+        report.bad_lines += 1
+        if len(report.bad_line_examples) < MAX_REPORTED:
+            report.bad_line_examples.append(message)
+
+    report.column_problems = _column_problems(plan)
+    if report.column_problems:
+        return report
     id_arrays: list[pa.Array] = []
-    for batch in plan.batches():
+    for batch in plan.batches(on_bad_line=bad_line):
         ids = plan.builder.ids(batch)
         id_arrays.append(pa.array(ids, pa.string()))
         report.rows += batch.size
         for req in plan.builder.build(batch, ids, None, encode=False):
-            if req.problem is not None:
-                report.bad_rows += 1
-                if len(report.bad_examples) < MAX_REPORTED:
-                    report.bad_examples.append(f"{req.problem[0]}: {req.problem[1]}")
+            if req.problem is None:
+                continue
+            kind, message = req.problem
+            if kind == "missing_id":
+                report.missing_ids += 1
+                if len(report.missing_id_examples) < MAX_REPORTED:
+                    report.missing_id_examples.append(message)
+                continue
+            report.bad_rows += 1
+            report.bad_by_type[kind] = report.bad_by_type.get(kind, 0) + 1
+            if len(report.bad_examples) < MAX_REPORTED:
+                report.bad_examples.append(f"{kind}: {message}")
     if id_arrays:
-        report.duplicates = _duplicates(pa.chunked_array(id_arrays, pa.string()), plan)
+        ids = pa.chunked_array(id_arrays, pa.string())
+        report.duplicates = _duplicates(pc.filter(ids, pc.not_equal(ids, "")), plan)
     return report
+
+
+def _column_problems(plan: Plan) -> list[str]:
+    """Parquet columns whose type cannot serve their role, found from the schema alone."""
+    inp = plan.job.input
+    if inp.format != "parquet" or not inp.path.exists():
+        return []
+    try:
+        schema = pq.read_schema(inp.path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{inp.path}: not a readable Parquet file: {exc}") from None
+    problems = []
+    fields = plan.builder.template.fields if plan.builder.template else ()
+    for name in fields:
+        if name in schema.names and pa.types.is_nested(schema.field(name).type):
+            problems.append(f"column {name!r} has type {schema.field(name).type}; template fields need text or "
+                            "numbers (use messages_column for chat messages)")
+    if inp.messages_column and inp.messages_column in schema.names:
+        t = schema.field(inp.messages_column).type
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_string(t)
+                or pa.types.is_large_string(t)):
+            problems.append(f"column {inp.messages_column!r} has type {t}; messages_column needs a list of "
+                            "{role, content} structs or a JSON string")
+    if inp.id_column and inp.id_column in schema.names and pa.types.is_nested(schema.field(inp.id_column).type):
+        problems.append(f"column {inp.id_column!r} has type {schema.field(inp.id_column).type}; ids must be "
+                        "text or numbers")
+    return problems
 
 
 def _duplicates(ids: pa.ChunkedArray, plan: Plan) -> list[str]:
@@ -108,7 +175,7 @@ def _duplicates(ids: pa.ChunkedArray, plan: Plan) -> list[str]:
         return []
     names = repeated.slice(0, MAX_REPORTED).to_pylist()
     where: dict[str, list[str]] = {n: [] for n in names}
-    for batch in plan.batches():  # second pass only when there is something to report
+    for batch in plan.batches(on_bad_line=lambda n, m: None):  # second pass only when there is something to report
         for i, rid in enumerate(plan.builder.ids(batch)):
             if rid in where and len(where[rid]) < 3:
                 where[rid].append(batch.where(i))

@@ -157,6 +157,9 @@ class PromptBuilder:
                 return None, ("missing_field", f"{batch.where(i)}: no field {name!r} for the template")
             if v is None:
                 return None, ("null_field", f"{batch.where(i)}: field {name!r} is null")
+            if isinstance(v, (dict, list, tuple, bytes)):
+                return None, ("bad_field_type", f"{batch.where(i)}: field {name!r} is a {type(v).__name__}; "
+                              "template fields need text or numbers")
         return [{"role": "user", "content": fmt.format(*values)}], None
 
 

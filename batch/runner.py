@@ -187,11 +187,8 @@ async def run_async(job: Job, options: RunOptions = RunOptions()) -> Summary:
         make_endpoint(spec.name, spec.base_url, spec.api_key_env, spec.headers)
     plan = make_plan(job)
     report = scan(plan)
-    if report.blocking:
-        raise InputError(f"{job.input.path}: " + "; ".join(report.blocking) + " — ids must be unique")
-    if job.run.on_bad_row == "fail" and report.bad_rows:
-        raise InputError(f"{job.input.path}: {report.bad_rows} rows cannot be sent, e.g. "
-                         + "; ".join(report.bad_examples))
+    if blocking := report.blocking(job.run.on_bad_row):
+        raise InputError(f"{job.input.path}: nothing was sent:\n  " + "\n  ".join(blocking))
     out = job.output.path
     manifest = prepare_output(job, plan, options)
     for name in set_aside_damaged(out):
@@ -258,7 +255,7 @@ async def run_async(job: Job, options: RunOptions = RunOptions()) -> Summary:
     summary.rows_ok, summary.rows_error = final.ok, final.errors
     summary.rows_total = summary.rows_ok + summary.rows_error
     summary.stop_reason = stop.reason
-    expected = report.rows - (report.bad_rows if job.run.on_bad_row == "skip" else 0)
+    expected = report.rows - (report.bad_rows + report.missing_ids if job.run.on_bad_row == "skip" else 0)
     if stop.reason is not None or (options.limit is None and summary.rows_total < expected):
         summary.exit_code = EXIT_STOPPED
         summary.stop_reason = stop.reason or f"{expected - summary.rows_total} rows have no result yet; rerun to resume"
@@ -299,7 +296,7 @@ async def _pump(job: Job, plan: Plan, skip: pa.Array, options: RunOptions, route
 
     async def reader() -> None:
         budget = options.limit
-        for batch in plan.batches():
+        for batch in plan.batches(on_bad_line=lambda n, m: None):  # only reached with on_bad_row = "skip"
             ids = plan.builder.ids(batch)
             mask = None
             if len(skip):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -73,14 +73,23 @@ def count_rows(path: Path, fmt: str) -> int | None:
         return None  # read_batches reports the problem with its location
 
 
-def read_batches(path: Path, fmt: str, columns: Sequence[str]) -> Iterator[RowBatch]:
-    """Yield the needed ``columns`` of every row of ``path`` in batches."""
+BadLine = Callable[[int, str], None]
+
+
+def read_batches(path: Path, fmt: str, columns: Sequence[str], on_bad_line: BadLine | None = None
+                 ) -> Iterator[RowBatch]:
+    """Yield the needed ``columns`` of every row of ``path`` in batches.
+
+    A JSONL line that is not a JSON object raises InputError naming file:line,
+    unless ``on_bad_line(lineno, message)`` is given: then it is reported there
+    and skipped.
+    """
     if not path.exists():
         raise InputError(f"{path}: input file not found")
     if fmt == "parquet":
         yield from _read_parquet(path, columns)
     else:
-        yield from _read_jsonl(path, columns)
+        yield from _read_jsonl(path, columns, on_bad_line)
 
 
 def _open_text(path: Path) -> IO[bytes]:
@@ -89,7 +98,7 @@ def _open_text(path: Path) -> IO[bytes]:
     return open(path, "rb")
 
 
-def _read_jsonl(path: Path, columns: Sequence[str]) -> Iterator[RowBatch]:
+def _read_jsonl(path: Path, columns: Sequence[str], on_bad_line: BadLine | None) -> Iterator[RowBatch]:
     start = 0
     lineno = 0
     cols: dict[str, list[Any]] = {c: [] for c in columns}
@@ -99,14 +108,21 @@ def _read_jsonl(path: Path, columns: Sequence[str]) -> Iterator[RowBatch]:
         with _open_text(path) as f:
             for line in f:
                 lineno += 1
+                if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]  # a UTF-8 byte order mark, as some exporters write
                 if not line.strip():
                     continue
                 try:
                     obj = loads(line)
                 except orjson.JSONDecodeError as exc:
-                    raise InputError(_bad_line(path, lineno, line, f"not valid JSON ({exc})")) from None
+                    obj = _json_problem(str(exc))
                 if not isinstance(obj, dict):
-                    raise InputError(_bad_line(path, lineno, line, "expected a JSON object per line"))
+                    what = obj.message if isinstance(obj, _Problem) else "expected a JSON object per line"
+                    message = _bad_line(path, lineno, line, what)
+                    if on_bad_line is None:
+                        raise InputError(message)
+                    on_bad_line(lineno, message)
+                    continue
                 for c in columns:
                     cols[c].append(obj.get(c, MISSING))
                 lines.append(lineno)
@@ -121,6 +137,21 @@ def _read_jsonl(path: Path, columns: Sequence[str]) -> Iterator[RowBatch]:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if lines:
         yield RowBatch(start, cols, lines, len(lines))
+
+
+class _Problem:
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _json_problem(error: str) -> _Problem:
+    if "UTF-8" in error:
+        return _Problem("not valid UTF-8 (the file must be UTF-8; convert it, e.g. with iconv -f latin1 -t utf-8)")
+    where = error.rsplit(": line 1 ", 1)
+    detail = f"{where[0]} at {where[1].split(' (')[0]}" if len(where) == 2 else error
+    return _Problem(f"not valid JSON: {detail}")
 
 
 def _bad_line(path: Path, lineno: int, line: bytes, what: str) -> str:
