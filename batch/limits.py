@@ -10,17 +10,21 @@ to C + 60·r in a sliding minute. aiolimiter's natural setting (C = limit over
 60 s) admits almost *twice* the limit in one window. Here C is half a second
 of the rate and r = (limit·(1 - margin) - C) / 60, so no 60-second window can
 exceed the limit (``SAFETY_MARGIN`` absorbs network jitter between our clock
-and the provider's).
+and the provider's). After the rate is lowered the capacity stays as it was,
+so the bound holds while C stays under half the new limit: for any cut
+smaller than 60x.
 
 Steering, per model:
 - headers (``x-ratelimit-limit|remaining|reset-*``, read on every response):
   a stated limit below ours becomes ours; nothing remaining pauses the model
   until the stated reset;
 - a 429 pauses the whole model for the advised time; a limit stated in it
-  (headers or message) is adopted; otherwise the rate drops to 80% of what
-  was actually sent in the last minute (multiplicative decrease, once per
-  episode), then creeps back up by 1% of the ceiling every few seconds
-  without a 429 (additive increase).
+  (headers or message) is adopted; otherwise, once per episode, the rate
+  drops to what the provider actually *admitted* over the last 60 s, in
+  requests and in tokens (under a sliding-window limit that is the limit
+  itself), but never below half the current rate (multiplicative decrease:
+  early in a run little has been admitted yet); then it climbs back by 2% of
+  the ceiling every 2 s without a 429 (additive increase), probing for more.
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ from aiolimiter import AsyncLimiter
 
 BURST_SECONDS = 0.5
 SAFETY_MARGIN = 0.005
-DECREASE = 0.8
-INCREASE_STEP = 0.01  # of the ceiling
-INCREASE_EVERY = 3.0  # seconds without a 429 between steps
-CALM_AFTER_429 = 10.0  # seconds before increases resume
+ADMITTED_MARGIN = 0.97  # of what the provider admitted in the last minute, after a 429
+FLOOR = 0.5  # a 429 never cuts the rate below half of what it was
+INCREASE_STEP = 0.02  # of the ceiling
+INCREASE_EVERY = 2.0  # seconds without a 429 between steps
+CALM_AFTER_429 = 6.0  # seconds before increases resume
 EPISODE_SECONDS = 2.0  # 429s closer together than this are one episode: one decrease
 
 
@@ -44,12 +49,22 @@ def _sizing(per_minute: float, min_capacity: float) -> tuple[float, float]:
     """(capacity, time_period) for AsyncLimiter such that no 60 s window admits more than per_minute."""
     usable = per_minute * (1 - SAFETY_MARGIN)
     capacity = min(max(min_capacity, per_minute / 60.0 * BURST_SECONDS), usable / 2)
-    rate = usable - capacity  # per 60 s, after the first burst of `capacity`
-    return capacity, capacity * 60.0 / rate
+    return capacity, _period(usable, capacity)
+
+
+def _period(usable: float, capacity: float) -> float:
+    rate = max(usable - capacity, usable / 2)  # per 60 s, after the first burst of `capacity`
+    return capacity * 60.0 / rate
 
 
 class SteerableLimiter(AsyncLimiter):
     """aiolimiter's leaky bucket, plus a rate that can change and amounts that can be reconciled.
+
+    The capacity is fixed when the bucket is made; ``set_rate`` changes only
+    the drain rate. (Shrinking the capacity under a waiting acquire of a
+    larger amount would leave it waiting forever.) Amounts are taken in
+    chunks of a quarter of the bucket, so a large prompt is not starved by
+    small ones: aiolimiter serves smaller waiting amounts first.
 
     The additions touch aiolimiter's bucket level (``_level``, ``_leak``,
     ``_wake_next``, ``_rate_per_sec``); pyproject pins aiolimiter below 2.
@@ -57,25 +72,26 @@ class SteerableLimiter(AsyncLimiter):
 
     def __init__(self, per_minute: float, *, min_capacity: float = 1.0) -> None:
         self.per_minute = per_minute
-        self.min_capacity = min_capacity
         capacity, period = _sizing(per_minute, min_capacity)
         super().__init__(capacity, period)
+        self.chunk = max(1.0, capacity / 4)
 
     def set_rate(self, per_minute: float) -> None:
         self._leak()
         self.per_minute = per_minute
-        capacity, period = _sizing(per_minute, self.min_capacity)
-        self.max_rate, self.time_period = capacity, period
-        self._rate_per_sec = capacity / period
+        self.time_period = _period(per_minute * (1 - SAFETY_MARGIN), self.max_rate)
+        self._rate_per_sec = self.max_rate / self.time_period
         self._wake_next()
 
     async def take(self, amount: float) -> None:
-        """Acquire ``amount``; an amount larger than the bucket takes the bucket and owes the rest."""
-        if amount <= self.max_rate:
+        """Acquire ``amount``, a chunk at a time."""
+        if amount <= self.chunk:
             await self.acquire(amount)
             return
-        await self.acquire(self.max_rate)
-        self.adjust(amount - self.max_rate)
+        while amount > 0:
+            part = min(amount, self.chunk)
+            await self.acquire(part)
+            amount -= part
 
     def adjust(self, delta: float) -> None:
         """Add (or, negative, give back) capacity already used, e.g. estimate -> reported usage."""
@@ -99,10 +115,9 @@ class ModelLimiter:
         self.limited = self.requests is not None or self.tokens is not None
         self._last_429 = -1e9
         self._last_step = 0.0
-        self._sent: list[tuple[float, int]] = []  # (second, count) for the observed rate; <= 61 entries
+        self._ring: list[list[int]] = []  # [second, sent, answered ok, tokens of those]; <= 61 entries
 
     async def acquire(self, tokens: int) -> None:
-        self._count_sent()
         if not self.limited:
             return
         self.waiting += 1
@@ -138,6 +153,36 @@ class ModelLimiter:
         if self.tokens is not None:
             self.tokens.adjust(-reserved)
 
+    def sent(self) -> None:
+        """Note one request sent now."""
+        self._slot()[1] += 1
+
+    def admitted(self, tokens: int) -> None:
+        """Note one request the provider answered (what a 429 is later measured against)."""
+        slot = self._slot()
+        slot[2] += 1
+        slot[3] += tokens
+
+    def _slot(self) -> list[int]:
+        second = int(self.clock())
+        ring = self._ring
+        if ring and ring[-1][0] == second:
+            return ring[-1]
+        ring.append([second, 0, 0, 0])
+        if len(ring) > 61:
+            del ring[0]
+        return ring[-1]
+
+    def last_minute(self) -> tuple[float, int, int]:
+        """(requests sent per minute, scaled up while the run is younger; requests and tokens
+        the provider answered in the last 60 s)."""
+        now = int(self.clock())
+        recent = [e for e in self._ring if e[0] > now - 60]
+        if not recent:
+            return 0.0, 0, 0
+        span = min(60, now - recent[0][0] + 1)
+        return (sum(e[1] for e in recent) * 60.0 / span, sum(e[2] for e in recent), sum(e[3] for e in recent))
+
     def observe(self, limit_requests: float | None, limit_tokens: float | None,
                 remaining_requests: float | None, remaining_tokens: float | None,
                 reset_requests: float | None, reset_tokens: float | None) -> None:
@@ -166,31 +211,15 @@ class ModelLimiter:
             return
         if not new_episode:
             return
+        sent_rpm, requests, tokens = self.last_minute()
         if scope in (None, "requests"):
-            current = self.requests.per_minute if self.requests else float("inf")
-            self._set("requests", max(1.0, DECREASE * min(current, self.observed_rpm())))
-        if scope == "tokens" and self.tokens is not None:
-            self._set("tokens", max(1.0, DECREASE * self.tokens.per_minute))
-
-    def observed_rpm(self) -> float:
-        """Requests actually sent in the last minute (scaled up while the run is younger)."""
-        now = int(self.clock())
-        recent = [(s, c) for s, c in self._sent if s > now - 60]
-        if not recent:
-            return 1.0
-        span = max(1, min(60, now - recent[0][0] + 1))
-        return sum(c for _, c in recent) * 60.0 / span
+            current = self.requests.per_minute if self.requests is not None else sent_rpm
+            self._lower("requests", max(1.0, requests * ADMITTED_MARGIN, current * FLOOR))
+        if scope == "tokens" or (scope is None and self.tokens is not None):
+            current = self.tokens.per_minute if self.tokens is not None else float(tokens)
+            self._lower("tokens", max(1.0, tokens * ADMITTED_MARGIN, current * FLOOR))
 
     # --- internals ----------------------------------------------------------------
-
-    def _count_sent(self) -> None:
-        second = int(self.clock())
-        if self._sent and self._sent[-1][0] == second:
-            self._sent[-1] = (second, self._sent[-1][1] + 1)
-            return
-        self._sent.append((second, 1))
-        if len(self._sent) > 61:
-            del self._sent[0]
 
     def _adopt(self, which: str, limit: float) -> None:
         """A limit the provider stated is the new ceiling, and the rate if ours is higher."""
@@ -204,6 +233,11 @@ class ModelLimiter:
                 self.ceiling_tpm = limit
             if self.tokens is None or self.tokens.per_minute > limit:
                 self._set("tokens", limit)
+
+    def _lower(self, which: str, per_minute: float) -> None:
+        bucket = self.requests if which == "requests" else self.tokens
+        if bucket is None or per_minute < bucket.per_minute:
+            self._set(which, per_minute)
 
     def _set(self, which: str, per_minute: float) -> None:
         if which == "requests":

@@ -17,7 +17,7 @@ import hashlib
 import string
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -27,9 +27,12 @@ from batch.tokens import HEURISTIC, TokenCounter, heuristic_tokens
 
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One row, ready to send to any model of the chain."""
+class Request(NamedTuple):
+    """One row, ready to send to any model of the chain.
+
+    A NamedTuple: one is built per row on the hot path, about 3x cheaper than
+    a frozen dataclass, and just as immutable.
+    """
 
     id: str
     index: int

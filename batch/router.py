@@ -83,6 +83,7 @@ class Breaker:
         self.open_until = 0.0
         self.probing = False
         self.opened = 0  # how many times it opened; for stats and tests
+        self.last_error = ""
 
     @property
     def is_open(self) -> bool:
@@ -101,7 +102,9 @@ class Breaker:
         self.failures = 0
         self.probing = False
 
-    def failure(self) -> None:
+    def failure(self, error: ProviderError | None = None) -> None:
+        if error is not None:
+            self.last_error = str(error)
         self.failures += 1
         if self.failures >= self.threshold and (self.probing or self.failures == self.threshold):
             self.open_until = self.clock() + self.cooldown
@@ -274,7 +277,7 @@ class Router:
                     return None, e
                 continue
             except TransientError as e:
-                t.breaker.failure()
+                t.breaker.failure(e)
                 self._failed(t, e, row)
                 tries += 1
                 last = e
@@ -316,29 +319,39 @@ class Router:
             else:
                 self._first_claimed = first = True
         reserved = req.prompt_tokens + self.policy.max_tokens
+        limiter = t.limiter
+        budget = self.budget
         try:
-            await t.limiter.acquire(reserved)
-            self._check_stop()
-            worst = t.worst_cost(req.prompt_tokens, self.policy.max_tokens)
-            if not self.budget.reserve(worst):
-                self.stopping = True
-                self.on_budget()
-                raise RunStopped("budget reached")
+            if limiter.limited:  # the common unlimited case costs no coroutine
+                await limiter.acquire(reserved)
+                self._check_stop()
+            worst = 0.0
+            if budget.max_usd is not None:
+                worst = t.worst_cost(req.prompt_tokens, self.policy.max_tokens)
+                if not budget.reserve(worst):
+                    self.stopping = True
+                    self.on_budget()
+                    raise RunStopped("budget reached")
             row.sent += 1
             t.stats.requests += 1
+            limiter.sent()
             try:
                 reply = await send(self.session, t.endpoint, t.model, body, self.policy.timeout)
             except ProviderError as e:
-                self.budget.settle(worst, e.charged_usd)
+                budget.settle(worst, e.charged_usd)
                 raise
             except BaseException:
-                self.budget.settle(worst, worst)  # cancelled mid-flight: assume it was billed
+                budget.settle(worst, worst)  # cancelled mid-flight: assume it was billed
                 raise
-            self.budget.settle(worst, t.cost_of(reply)[0])
+            if budget.max_usd is not None:
+                budget.settle(worst, t.cost_of(reply)[0])
             if (r := reply.rate) is not None:
-                t.limiter.observe(r.limit_requests, r.limit_tokens, r.remaining_requests, r.remaining_tokens,
-                                  r.reset_requests, r.reset_tokens)
-            t.limiter.settle(reserved, reply.prompt_tokens + reply.completion_tokens)
+                limiter.observe(r.limit_requests, r.limit_tokens, r.remaining_requests, r.remaining_tokens,
+                                r.reset_requests, r.reset_tokens)
+            used = reply.prompt_tokens + reply.completion_tokens
+            limiter.admitted(used)
+            if limiter.limited:
+                limiter.settle(reserved, used)
             return reply
         finally:
             if first and not self.stopping:

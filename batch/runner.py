@@ -331,6 +331,8 @@ async def _pump(job: Job, plan: Plan, skip: pa.Array, options: RunOptions, route
                 result = Result(req.id, "error", None, None, None, None, None, 0, None, None, None, None,  # type: ignore[attr-defined]
                                 None, None, None, "internal", f"{type(exc).__name__}: {exc}", req.request_hash, req.keep)  # type: ignore[attr-defined]
             sink.add(result)
+            if sink.backlogged:
+                await sink.drain_writer()
             tally.done += 1
             if result.status == "ok":
                 tally.ok += 1
@@ -338,6 +340,8 @@ async def _pump(job: Job, plan: Plan, skip: pa.Array, options: RunOptions, route
                     tally.cost_usd += result.cost_usd
             else:
                 tally.errors += 1
+
+    opened = {t.model: 0 for t in targets}
 
     async def monitor() -> None:
         while True:
@@ -349,6 +353,12 @@ async def _pump(job: Job, plan: Plan, skip: pa.Array, options: RunOptions, route
             if router.failures_since_success and silent > job.run.give_up_seconds:
                 stop.request(f"no model has answered for {silent:.0f}s ({router.failures_since_success} failures "
                              f"in a row); giving up (run.give_up_seconds). Rerun to resume.")
+            for t in targets:
+                if t.breaker.opened > opened[t.model]:
+                    opened[t.model] = t.breaker.opened
+                    progress.message(f"warning: {t.provider}:{t.model} failed {t.breaker.failures} times in a row "
+                                     f"(last: {t.breaker.last_error}); skipping it for "
+                                     f"{t.breaker.cooldown:g}s, then one probe")
             held = [f"{t.model} {'paused' if t.limiter.paused else 'at limit'}"
                     for t in targets if t.limiter.waiting]
             progress.update(tally, ", ".join(held))

@@ -486,6 +486,8 @@ class Simulator(_Faults):
         if not cfg.report_cost:
             del usage["cost"]
         headers: dict[str, str] | None = None
+        if cfg.record_times and self._rpm is None and self._tpm is None:
+            c.admissions.append((time.monotonic(), usage["total_tokens"]))
         if self._rpm is not None or self._tpm is not None:
             refused, headers = self._admit(model, usage["total_tokens"])
             if refused is not None:

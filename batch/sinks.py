@@ -95,7 +95,7 @@ class Sink:
         self.parts_written = 0
         self._next_part = next_part_number(self.dir)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-sink")
-        self._pending: list[asyncio.Future[None]] = []
+        self._writing: asyncio.Future[None] | None = None
         self._last_flush = time.monotonic()
         self.error: OutputError | None = None
 
@@ -114,27 +114,48 @@ class Sink:
         if len(self.buffer) >= self.flush_rows:
             self.flush()
 
+    @property
+    def backlogged(self) -> bool:
+        """A full buffer waits for the part being written: workers should ``await drain_writer()``."""
+        return len(self.buffer) >= self.flush_rows and self._writing is not None and not self._writing.done()
+
+    async def drain_writer(self) -> None:
+        """Wait for the part being written, then hand over the buffer (backpressure)."""
+        if self._writing is not None:
+            await asyncio.wait([self._writing])
+        self.flush()
+
     def flush_if_due(self) -> None:
         if self.buffer and time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
-        """Hand the buffered rows to the writer thread; returns at once."""
-        self._last_flush = time.monotonic()
+        """Hand the buffered rows to the writer thread; returns at once.
+
+        One part is written at a time: while it is, rows stay in the buffer (and
+        workers wait once it is full), so at most 2 x flush_rows answered rows
+        are ever not yet on disk, plus the requests in flight.
+        """
         if not self.buffer:
             return
+        if self._writing is not None:
+            if not self._writing.done():
+                return
+            self._reap(self._writing)
+        self._last_flush = time.monotonic()
         rows, self.buffer = self.buffer, []
         path = self.dir / f"part-{self._next_part:05d}.parquet"
         self._next_part += 1
-        fut = asyncio.get_running_loop().run_in_executor(self._pool, self._write, rows, path)
-        self._pending.append(fut)
-        self._pending = [f for f in self._pending if not f.done() or self._reap(f)]
+        self._writing = asyncio.get_running_loop().run_in_executor(self._pool, self._write, rows, path)
 
-    def _reap(self, fut: asyncio.Future[None]) -> bool:
+    def _reap(self, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled():
+            return
         exc = fut.exception()
         if isinstance(exc, OutputError) and self.error is None:
             self.error = exc
-        return False
+        elif exc is not None and self.error is None:
+            self.error = OutputError(f"{self.dir}: cannot write results: {exc}")
 
     def _write(self, rows: list[Result], path: Path) -> None:
         table = _to_table(rows, self.schema)
@@ -153,14 +174,15 @@ class Sink:
         self.parts_written += 1
 
     async def drain(self) -> None:
-        """Flush and wait until every part handed over is on disk."""
-        self.flush()
-        pending, self._pending = self._pending, []
-        for fut in pending:
-            try:
-                await fut
-            except OutputError as exc:
-                self.error = self.error or exc
+        """Flush and wait until every buffered row is on disk (or has failed)."""
+        while True:
+            if self._writing is not None:
+                await asyncio.wait([self._writing])
+                self._reap(self._writing)
+                self._writing = None
+            if not self.buffer:
+                return
+            self.flush()
 
     async def close(self) -> None:
         try:

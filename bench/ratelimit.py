@@ -58,7 +58,7 @@ def free_port() -> int:
 def write_inputs(tmp: Path, sc: Scenario, minutes: float) -> Path:
     rng = random.Random(1)
     words = "the quick brown fox jumps over a lazy dog while reviewers write long notes about products".split()
-    per_minute = sc.sim_rpm or (sc.sim_tpm or 60000) // 150
+    per_minute = sc.sim_rpm or (sc.sim_tpm or 60000) // 260  # varied prompts average ~260 tokens
     n = int(per_minute * minutes * 1.0) + 10
     with open(tmp / "in.jsonl", "w") as f:
         for i in range(n):

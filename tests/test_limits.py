@@ -18,18 +18,25 @@ Factory = Callable[..., SimThread]
 
 
 def admissions(per_minute: float, seconds: float, amount: Callable[[int], float] = lambda i: 1.0) -> list[tuple[float, float]]:
-    """Greedy acquisitions on a virtual clock (the loop's time is the only fake), 1 ms steps."""
+    """Greedy acquisitions on a virtual clock (the loop's time is the only fake), 1 ms steps.
+
+    Each request takes its amount chunk by chunk, as SteerableLimiter.take does;
+    it counts as admitted when its last chunk is in.
+    """
     async def go() -> list[tuple[float, float]]:
         loop = asyncio.get_running_loop()
         now = [0.0]
         loop.time = lambda: now[0]  # type: ignore[method-assign]
         lim = SteerableLimiter(per_minute)
         got: list[tuple[float, float]] = []
+        left = amount(0)
         while now[0] < seconds:
-            while lim.has_capacity(min(amount(len(got)), lim.max_rate)):
-                a = amount(len(got))
-                await lim.take(a)
-                got.append((now[0], a))
+            while lim.has_capacity(part := min(left, lim.chunk)):
+                await lim.acquire(part)
+                left -= part
+                if left <= 0:
+                    got.append((now[0], amount(len(got))))
+                    left = amount(len(got))
             now[0] += 0.001
         return got
 
@@ -76,12 +83,24 @@ class TestBucketSizing:
         assert asyncio.run(go()) > 1150
 
     def test_tokens_of_varied_size_stay_under_the_limit(self) -> None:
-        """Token amounts, some larger than the bucket, still keep every window under the limit
-        plus at most one oversized request."""
+        """Token amounts, some larger than the bucket, keep every window under the limit plus one
+        request (a large request's first chunks are taken before it is sent), at >= 95% use."""
         sizes = [50, 3000, 400, 120, 900]
         events = admissions(60_000, 180, lambda i: sizes[i % len(sizes)])
         assert peak_window(events) <= 60_000 + max(sizes)
         assert sum(a for _, a in events) >= 0.95 * 60_000 * 3
+
+    def test_lowering_the_rate_never_strands_a_waiter(self) -> None:
+        """A waiter for a large amount still gets through after the rate is cut (once a deadlock)."""
+        async def go() -> None:
+            lim = SteerableLimiter(120_000)
+            await lim.take(lim.max_rate)  # bucket full
+            waiter = asyncio.create_task(lim.take(900))
+            await asyncio.sleep(0.01)
+            lim.set_rate(30_000)
+            await asyncio.wait_for(waiter, timeout=5)
+
+        asyncio.run(go())
 
 
 class TestSteering:
@@ -103,33 +122,39 @@ class TestSteering:
         lim.observe(None, None, None, 0, None, 2.0)
         assert lim.paused_until == pytest.approx(102.0)
 
-    def test_429_decreases_once_per_episode_then_recovers(self) -> None:
-        """Without a stated limit, a burst of 429s cuts the rate once (to 80% of what was sent);
-        calm seconds later the rate creeps back up, never above the ceiling."""
+    def test_429_drops_to_what_was_admitted_once_per_episode_then_recovers(self) -> None:
+        """Without a stated limit, a burst of 429s lowers the rate once, to what the provider admitted
+        in the last minute; calm seconds later it climbs back, never above the job's ceiling."""
         asyncio.run(self._aimd())
 
     async def _aimd(self) -> None:
         now = [1000.0]
-        lim = ModelLimiter(1000, None, clock=lambda: now[0])
-        for i in range(600):  # 600 requests sent over the last 60 s
+        lim = ModelLimiter(1000, 90_000, clock=lambda: now[0])
+        for i in range(600):  # the provider answered 600 requests of 100 tokens in the last 60 s
             now[0] = 1000.0 + i * 0.1
-            lim._count_sent()
+            lim.sent()
+            lim.admitted(100)
         for _ in range(20):
-            lim.on_rate_limited(0.5, "requests", None, None)
-        assert lim.requests is not None
-        assert lim.requests.per_minute == pytest.approx(0.8 * 600, rel=0.05)
+            lim.on_rate_limited(0.5, None, None, None)
+        assert lim.requests is not None and lim.tokens is not None
+        assert lim.requests.per_minute == pytest.approx(0.97 * 600)
+        assert lim.tokens.per_minute == pytest.approx(0.97 * 60_000)
+        early = ModelLimiter(1000, None, clock=lambda: now[0])
+        early.on_rate_limited(0.5, None, None, None)  # a 429 before anything was answered
+        assert early.requests is not None and early.requests.per_minute == 500  # halved, not zeroed
         rates = []
-        for step in range(200):
+        for _ in range(200):
             now[0] += 1.0
             lim.settle(0, 0)
             rates.append(lim.requests.per_minute)
-        assert rates[-1] == 1000 and max(rates) <= 1000 and rates[5] == rates[0]  # calm period first
+        assert rates[3] == rates[0]  # a calm period first
+        assert rates[-1] == 1000 and max(rates) <= 1000
 
     def test_discovers_a_limit_it_was_never_told(self) -> None:
         """A model with no configured limit gets one from its first 429."""
         lim = ModelLimiter(None, None)
         assert not lim.limited
-        lim._count_sent()
+        lim.sent()
         lim.on_rate_limited(0.1, None, None, None)
         assert lim.limited and lim.requests is not None
 
