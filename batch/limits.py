@@ -23,8 +23,10 @@ Steering, per model:
   drops to what the provider actually *admitted* over the last 60 s, in
   requests and in tokens (under a sliding-window limit that is the limit
   itself), but never below half the current rate (multiplicative decrease:
-  early in a run little has been admitted yet); then it climbs back by 2% of
-  the ceiling every 2 s without a 429 (additive increase), probing for more.
+  early in a run little has been admitted yet). The lowered rate is
+  remembered as the limit found; after a calm spell the rate climbs back to
+  it by 2% a step every 2 s, then probes beyond it by only 0.5% every 10 s
+  (so a job limit far above the real one does not mean repeated 429 storms).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ FLOOR = 0.5  # a 429 never cuts the rate below half of what it was
 INCREASE_STEP = 0.02  # of the ceiling
 INCREASE_EVERY = 2.0  # seconds without a 429 between steps
 CALM_AFTER_429 = 6.0  # seconds before increases resume
+PROBE_STEP = 0.005  # of the limit found, beyond it
+PROBE_EVERY = 10.0
 EPISODE_SECONDS = 2.0  # 429s closer together than this are one episode: one decrease
 
 
@@ -62,9 +66,9 @@ class SteerableLimiter(AsyncLimiter):
 
     The capacity is fixed when the bucket is made; ``set_rate`` changes only
     the drain rate. (Shrinking the capacity under a waiting acquire of a
-    larger amount would leave it waiting forever.) Amounts are taken in
-    chunks of a quarter of the bucket, so a large prompt is not starved by
-    small ones: aiolimiter serves smaller waiting amounts first.
+    larger amount would leave it waiting forever.) ``take`` goes through a
+    FIFO lock, so a large prompt is not starved by small ones (aiolimiter
+    alone serves smaller waiting amounts first).
 
     The additions touch aiolimiter's bucket level (``_level``, ``_leak``,
     ``_wake_next``, ``_rate_per_sec``); pyproject pins aiolimiter below 2.
@@ -74,7 +78,7 @@ class SteerableLimiter(AsyncLimiter):
         self.per_minute = per_minute
         capacity, period = _sizing(per_minute, min_capacity)
         super().__init__(capacity, period)
-        self.chunk = max(1.0, capacity / 4)
+        self._fifo = asyncio.Lock()  # aiolimiter serves smaller waiting amounts first: big prompts could starve
 
     def set_rate(self, per_minute: float) -> None:
         self._leak()
@@ -84,14 +88,13 @@ class SteerableLimiter(AsyncLimiter):
         self._wake_next()
 
     async def take(self, amount: float) -> None:
-        """Acquire ``amount``, a chunk at a time."""
-        if amount <= self.chunk:
-            await self.acquire(amount)
-            return
-        while amount > 0:
-            part = min(amount, self.chunk)
+        """Acquire ``amount`` in arrival order; an amount larger than the bucket takes the whole
+        bucket and owes the rest, which the next requests wait for."""
+        async with self._fifo:
+            part = min(amount, self.max_rate)
             await self.acquire(part)
-            amount -= part
+            if amount > part:
+                self.adjust(amount - part)
 
     def adjust(self, delta: float) -> None:
         """Add (or, negative, give back) capacity already used, e.g. estimate -> reported usage."""
@@ -115,6 +118,7 @@ class ModelLimiter:
         self.limited = self.requests is not None or self.tokens is not None
         self._last_429 = -1e9
         self._last_step = 0.0
+        self._found: dict[str, float] = {}  # the rate the last 429 episode settled on, per budget
         self._ring: list[list[int]] = []  # [second, sent, answered ok, tokens of those]; <= 61 entries
 
     async def acquire(self, tokens: int) -> None:
@@ -214,10 +218,10 @@ class ModelLimiter:
         sent_rpm, requests, tokens = self.last_minute()
         if scope in (None, "requests"):
             current = self.requests.per_minute if self.requests is not None else sent_rpm
-            self._lower("requests", max(1.0, requests * ADMITTED_MARGIN, current * FLOOR))
+            self._lower("requests", requests * ADMITTED_MARGIN, current * FLOOR)
         if scope == "tokens" or (scope is None and self.tokens is not None):
             current = self.tokens.per_minute if self.tokens is not None else float(tokens)
-            self._lower("tokens", max(1.0, tokens * ADMITTED_MARGIN, current * FLOOR))
+            self._lower("tokens", tokens * ADMITTED_MARGIN, current * FLOOR)
 
     # --- internals ----------------------------------------------------------------
 
@@ -234,10 +238,16 @@ class ModelLimiter:
             if self.tokens is None or self.tokens.per_minute > limit:
                 self._set("tokens", limit)
 
-    def _lower(self, which: str, per_minute: float) -> None:
+    def _lower(self, which: str, admitted: float, floor: float) -> None:
+        """Lower a budget to what was admitted (remembered as the limit found), or to the floor."""
+        per_minute = max(1.0, admitted, floor)
         bucket = self.requests if which == "requests" else self.tokens
         if bucket is None or per_minute < bucket.per_minute:
             self._set(which, per_minute)
+        if admitted >= floor:  # a measurement of the limit, not just a cautious halving
+            self._found[which] = per_minute
+        else:
+            self._found.pop(which, None)
 
     def _set(self, which: str, per_minute: float) -> None:
         if which == "requests":
@@ -253,14 +263,23 @@ class ModelLimiter:
         self.limited = True
 
     def _maybe_increase(self) -> None:
-        """Additive increase back toward the ceiling after a calm spell."""
+        """Additive increase: back to the limit found quickly, beyond it slowly."""
         now = self.clock()
         if now - self._last_429 < CALM_AFTER_429 or now - self._last_step < INCREASE_EVERY:
             return
         self._last_step = now
-        for bucket, ceiling in ((self.requests, self.ceiling_rpm), (self.tokens, self.ceiling_tpm)):
+        for which, bucket, ceiling in (("requests", self.requests, self.ceiling_rpm),
+                                       ("tokens", self.tokens, self.ceiling_tpm)):
             if bucket is None:
                 continue
             top = ceiling if ceiling is not None else bucket.per_minute * 1.5
-            if bucket.per_minute < top:
-                bucket.set_rate(min(top, bucket.per_minute + INCREASE_STEP * top))
+            found = self._found.get(which)
+            if found is None or bucket.per_minute < found:
+                step = INCREASE_STEP * (found if found is not None else top)
+                new = bucket.per_minute + step if found is None else min(found, bucket.per_minute + step)
+            elif now - self._last_429 >= PROBE_EVERY and (now - self._last_429) % PROBE_EVERY < INCREASE_EVERY:
+                new = bucket.per_minute + PROBE_STEP * found
+            else:
+                continue
+            if new > bucket.per_minute and bucket.per_minute < top:
+                bucket.set_rate(min(top, new))

@@ -198,7 +198,10 @@ async def run_async(job: Job, options: RunOptions = RunOptions()) -> Summary:
     ledger = Ledger.read(out)
     summary = Summary(out_dir=out)
     skip = ledger.skip_set(retry_errors=options.retry_errors, retry_truncated=options.retry_truncated)
-    summary.rows_skipped = min(len(skip), report.rows)
+    done_mask = report.skip_mask(skip)
+    report.ids = None  # the ids are not needed any more: free them before sending,
+    pa.default_memory_pool().release_unused()  # and let the allocator give that memory back
+    summary.rows_skipped = int(pc.sum(done_mask).as_py() or 0) if done_mask is not None else 0
     to_do = report.rows - summary.rows_skipped
     if options.limit is not None:
         to_do = min(to_do, options.limit)
@@ -237,7 +240,7 @@ async def run_async(job: Job, options: RunOptions = RunOptions()) -> Summary:
                 await _check_models(job, session, targets, progress)
             budget = Budget(job.run.max_cost_usd, spent=previous_cost(out))
             router = Router(session, targets, policy, on_fatal, budget, on_budget)
-            await _pump(job, plan, skip, options, router, sink, stop, tally, progress, targets)
+            await _pump(job, plan, done_mask, options, router, sink, stop, tally, progress, targets)
             await sink.drain()
             if sink.error is not None:
                 stop.request(str(sink.error))
@@ -286,7 +289,7 @@ def _finish_output(out: Path, run_id: str, manifest: dict[str, object], entry: d
         summary.stop_reason = "; ".join(filter(None, [summary.stop_reason, *problems]))
 
 
-async def _pump(job: Job, plan: Plan, skip: pa.Array, options: RunOptions, router: Router, sink: Sink,
+async def _pump(job: Job, plan: Plan, done_mask: pa.Array | None, options: RunOptions, router: Router, sink: Sink,
                 stop: _Stop, tally: Tally, progress: Progress, targets: list[Target]) -> None:
     """Run reader, workers and monitor until the input is exhausted or the run stops."""
     n = job.run.concurrency
@@ -298,9 +301,7 @@ async def _pump(job: Job, plan: Plan, skip: pa.Array, options: RunOptions, route
         budget = options.limit
         for batch in plan.batches(on_bad_line=lambda n, m: None):  # only reached with on_bad_row = "skip"
             ids = plan.builder.ids(batch)
-            mask = None
-            if len(skip):
-                mask = pc.is_in(pa.array(ids, pa.string()), value_set=skip).to_pylist()
+            mask = done_mask.slice(batch.start, batch.size).to_pylist() if done_mask is not None else None
             for req in plan.builder.build(batch, ids, mask):
                 if stop.reason is not None or budget == 0:
                     break
