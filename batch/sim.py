@@ -142,6 +142,7 @@ class SimCounters:
     peak_tokens_window: int = 0
     peak_offered_window: int = 0  # most requests *received* (admitted or refused) in any window
     admissions: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens); only with record_times
+    refusals: list[float] = field(default_factory=list)  # times of limit 429s; only with record_times
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-able snapshot (``GET /_sim/stats``)."""
@@ -152,7 +153,7 @@ class SimCounters:
             "peak_in_flight": self.peak_in_flight, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "peak_requests_window": self.peak_requests_window,
             "peak_tokens_window": self.peak_tokens_window, "peak_offered_window": self.peak_offered_window,
-            "admissions": self.admissions,
+            "admissions": self.admissions, "refusals": self.refusals,
         }
 
 
@@ -524,6 +525,8 @@ class Simulator(_Faults):
         style = self.config.rate_limit_style
         if wait_r or wait_t:
             c.rate_limited += 1
+            if self.config.record_times:
+                c.refusals.append(now)
             scope, window = ("requests", self._rpm) if wait_r >= wait_t else ("tokens", self._tpm)
             assert window is not None
             wait = max(wait_r, wait_t)

@@ -135,6 +135,9 @@ def run(sc: Scenario, minutes: float) -> dict[str, object]:
         "after_1min_%": round(100 * rate(late, late_span) / limit, 1) if late else None,
         "peak_window": peak, "peak_offered_req": stats["peak_offered_window"],
         "429_%": round(100 * stats["rate_limited"] / max(1, stats["requests"]), 2),
+        "429_after_1min_%": round(100 * sum(1 for t in stats["refusals"] if t >= t_first + 60)
+                                  / max(1, sum(1 for a in adm if a[0] >= t_first + 60)
+                                        + sum(1 for t in stats["refusals"] if t >= t_first + 60)), 2),
         "requests": stats["requests"],
     }
 
