@@ -41,6 +41,16 @@ def facts_for(model: str) -> ModelFacts | None:
     return KNOWN_MODELS.get(model)
 
 
+def prices_for(model: str, price_in: float | None, price_out: float | None) -> tuple[float | None, float | None]:
+    """USD per million (input, output) tokens: the job's override, else the built-in table, else None."""
+    facts = facts_for(model)
+    if price_in is None and facts is not None:
+        price_in = facts.price_input_per_million
+    if price_out is None and facts is not None:
+        price_out = facts.price_output_per_million
+    return price_in, price_out
+
+
 # Faults the simulator can inject (batch/sim.py): what it does instead of answering.
 SIM_FAULTS = (
     "429",                 # rate limited, with Retry-After

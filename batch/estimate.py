@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from batch.catalog import facts_for
+from batch.catalog import facts_for, prices_for
 from batch.job import Job
 from batch.plan import make_plan
 from batch.tokens import load_counter
@@ -56,13 +56,11 @@ def estimate(job: Job) -> Estimate:
     models = []
     for m in job.models:
         facts = facts_for(m.model)
+        p_in, p_out = prices_for(m.model, m.price_input_per_million, m.price_output_per_million)
         models.append(ModelEstimate(
             provider=m.provider, model=m.model,
             context_window=m.context_window or (facts.context_window if facts else None),
-            price_input_per_million=m.price_input_per_million if m.price_input_per_million is not None else (
-                facts.price_input_per_million if facts else None),
-            price_output_per_million=m.price_output_per_million if m.price_output_per_million is not None else (
-                facts.price_output_per_million if facts else None),
+            price_input_per_million=p_in, price_output_per_million=p_out,
         ))
     windows = [(me, me.context_window - max_tokens) for me in models if me.context_window]
     est = Estimate(token_counter=counter.name, exact=counter.exact)

@@ -31,7 +31,7 @@ import aiohttp
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batch.catalog import SIM_BASE_URL, facts_for
+from batch.catalog import SIM_BASE_URL, prices_for
 from batch.errors import FatalError, InputError, OutputError, ProviderError
 from batch.job import Job
 from batch.limits import ModelLimiter
@@ -129,11 +129,7 @@ def _targets(job: Job, sim_url: str | None) -> list[Target]:
         if m.provider not in endpoints:
             base = sim_url if spec.base_url == SIM_BASE_URL and sim_url else spec.base_url
             endpoints[m.provider] = make_endpoint(spec.name, base, spec.api_key_env, spec.headers)
-        facts = facts_for(m.model)
-        p_in = m.price_input_per_million if m.price_input_per_million is not None else (
-            facts.price_input_per_million if facts else None)
-        p_out = m.price_output_per_million if m.price_output_per_million is not None else (
-            facts.price_output_per_million if facts else None)
+        p_in, p_out = prices_for(m.model, m.price_input_per_million, m.price_output_per_million)
         later = [x.model for x in job.models[level + 1:] if x.provider == m.provider]
         server_fallback = later if job.run.server_fallback and job.run.fallback else []
         targets.append(Target(
