@@ -25,7 +25,7 @@ Steering, per model:
   itself), but never below half the current rate (multiplicative decrease:
   early in a run little has been admitted yet). The lowered rate is
   remembered as the limit found; after a calm spell the rate climbs back to
-  it by 2% a step every 2 s, then probes beyond it by only 0.5% every 10 s
+  it by 2% a step every 2 s, then probes beyond it by only 0.5% every 20 s
   (so a job limit far above the real one does not mean repeated 429 storms).
 """
 
@@ -45,7 +45,7 @@ INCREASE_STEP = 0.02  # of the ceiling
 INCREASE_EVERY = 2.0  # seconds without a 429 between steps
 CALM_AFTER_429 = 6.0  # seconds before increases resume
 PROBE_STEP = 0.005  # of the limit found, beyond it
-PROBE_EVERY = 10.0
+PROBE_EVERY = 20.0
 EPISODE_SECONDS = 2.0  # 429s closer together than this are one episode: one decrease
 
 

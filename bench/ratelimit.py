@@ -138,6 +138,9 @@ def run(sc: Scenario, minutes: float) -> dict[str, object]:
         "429_after_1min_%": round(100 * sum(1 for t in stats["refusals"] if t >= t_first + 60)
                                   / max(1, sum(1 for a in adm if a[0] >= t_first + 60)
                                         + sum(1 for t in stats["refusals"] if t >= t_first + 60)), 2),
+        "429_after_2min_%": round(100 * sum(1 for t in stats["refusals"] if t >= t_first + 120)
+                                  / max(1, sum(1 for a in adm if a[0] >= t_first + 120)
+                                        + sum(1 for t in stats["refusals"] if t >= t_first + 120)), 2),
         "requests": stats["requests"],
     }
 
