@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -175,5 +174,3 @@ def test_python_api(tmp_path: Path, sim: SimThread) -> None:
     assert summary.rows_ok == 50
     assert summary.usage.requests == 50
 
-
-Factory = Callable[..., SimThread]

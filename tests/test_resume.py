@@ -96,7 +96,7 @@ class TestSignals:
 
     def test_second_sigint_stops_at_once_keeping_parts(self, tmp_path: Path, sim_factory: Factory) -> None:
         """A second signal during the grace period ends the run at once; the parts on disk stay valid."""
-        sim = sim_factory(latency_ms=3, schedule={"*": ["ok"] * 0}, faults={"hang": 0.05}, hang_seconds=60)
+        sim = sim_factory(latency_ms=3, faults={"hang": 0.05}, hang_seconds=60)
         job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows()), base_url=sim.base_url,
                         output={"flush_rows": 100}, run={"timeout_seconds": 50})
         proc = start(job)

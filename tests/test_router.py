@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -230,4 +229,3 @@ def test_prompt_key_is_stable() -> None:
     """The simulator's per-prompt counters key on the last message."""
     assert prompt_key([{"role": "user", "content": "x"}]) == prompt_key([{"role": "system", "content": "s"},
                                                                          {"role": "user", "content": "x"}])
-    assert os.sep  # keep the import list honest
