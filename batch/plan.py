@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 
 from batch.errors import InputError
 from batch.job import Job
-from batch.prompts import PromptBuilder, Request
-from batch.sources import MISSING, BadLine, RowBatch, count_rows, read_batches
+from batch.prompts import PromptBuilder
+from batch.sources import BadLine, RowBatch, count_rows, read_batches
 from batch.tokens import HEURISTIC, TokenCounter
 
 MAX_REPORTED = 5
@@ -237,5 +237,3 @@ def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
-
-__all__ = ["Plan", "Request", "ScanReport", "make_plan", "scan", "fingerprint", "describe_changes", "MISSING"]

@@ -23,7 +23,7 @@ import orjson
 
 from batch.errors import JobError
 from batch.sources import MISSING, RowBatch
-from batch.tokens import HEURISTIC, TokenCounter, heuristic_tokens
+from batch.tokens import HEURISTIC, TokenCounter
 
 
 
@@ -180,8 +180,3 @@ def _check_messages(value: Any, where: str, column: str) -> tuple[list[dict[str,
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             return None, ("bad_messages", f"{where}: each message needs 'role' and 'content', got {str(m)[:60]}")
     return [dict(m) for m in value], None
-
-
-def estimate_tokens(messages: list[dict[str, Any]]) -> int:
-    """Prompt tokens by the documented heuristic (batch/tokens.py)."""
-    return heuristic_tokens(messages)

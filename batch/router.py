@@ -229,7 +229,7 @@ class Router:
 
     async def route(self, req: Request) -> Result:
         if req.problem is not None:
-            return _error(req, req.problem[0], req.problem[1], attempts=0)
+            return error_result(req, req.problem[0], req.problem[1], attempts=0)
         row = _Row()
         last: ProviderError | None = None
         final = len(self.targets) - 1
@@ -240,7 +240,7 @@ class Router:
             if reply is not None:
                 return self._ok(req, t, reply, row)
         assert last is not None
-        return _error(req, last.kind, str(last), attempts=row.sent, level=final, model=last.model,
+        return error_result(req, last.kind, str(last), attempts=row.sent, level=final, model=last.model,
                       charged=row.charged)
 
     async def _attempts(self, req: Request, t: Target, row: _Row, last: ProviderError | None, *,
@@ -396,7 +396,7 @@ class Router:
                       round(reply.latency_ms, 3), None, None, req.request_hash, req.keep)
 
 
-def _error(req: Request, kind: str, message: str, *, attempts: int, level: int | None = None,
+def error_result(req: Request, kind: str, message: str, *, attempts: int, level: int | None = None,
            model: str | None = None, charged: float = 0.0) -> Result:
     return Result(req.id, "error", None, None, model or None, None, level, attempts, None, None, None, None,
                   charged or None, "provider" if charged else None, None, kind, message, req.request_hash,

@@ -38,7 +38,7 @@ from batch.limits import ModelLimiter
 from batch.plan import Plan, describe_changes, fingerprint, make_plan, scan
 from batch.progress import Progress, Tally
 from batch.provider import Endpoint, ModelInfo, fetch_models, make_endpoint, open_session
-from batch.router import Breaker, Budget, Policy, Result, Router, RunStopped, Target, model_prefix
+from batch.router import Breaker, Budget, Policy, Router, RunStopped, Target, error_result, model_prefix
 from batch.sim import SimConfig, Simulator
 from batch.sinks import (RESULTS_DIR, Ledger, Sink, part_files, read_manifest, reconcile, result_schema,
                           set_aside_damaged, write_manifest)
@@ -325,8 +325,7 @@ async def _pump(job: Job, plan: Plan, done_mask: pa.Array | None, options: RunOp
                 continue  # not recorded: a resume redoes this row
             except Exception as exc:  # a bug in batch, not a provider failure: never retried
                 progress.message("internal error:\n" + "".join(traceback.format_exception(exc)))
-                result = Result(req.id, "error", None, None, None, None, None, 0, None, None, None, None,  # type: ignore[attr-defined]
-                                None, None, None, "internal", f"{type(exc).__name__}: {exc}", req.request_hash, req.keep)  # type: ignore[attr-defined]
+                result = error_result(req, "internal", f"{type(exc).__name__}: {exc}", attempts=0)  # type: ignore[arg-type]
             sink.add(result)
             if sink.backlogged:
                 await sink.drain_writer()

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import re
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batch.atomic import fsync_dir, replacing, write_atomic
 from batch.errors import OutputError
 from batch.router import Result
 
@@ -47,26 +46,6 @@ def result_schema(keep: Sequence[tuple[str, pa.DataType]]) -> pa.Schema:
     names = {n for n, _ in BASE_FIELDS}
     extra = [(f"input_{n}" if n in names else n, t) for n, t in keep]
     return pa.schema(BASE_FIELDS + extra)
-
-
-def fsync_dir(path: Path) -> None:
-    if sys.platform == "win32":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _to_table(rows: list[Result], schema: pa.Schema) -> pa.Table:
@@ -159,15 +138,10 @@ class Sink:
 
     def _write(self, rows: list[Result], path: Path) -> None:
         table = _to_table(rows, self.schema)
-        tmp = path.with_name(f".{path.name}.tmp")
         try:
-            pq.write_table(table, tmp, compression="zstd")
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+            with replacing(path) as tmp:
+                pq.write_table(table, tmp, compression="zstd")
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise OutputError(f"{path}: cannot write results ({exc.strerror or exc}); "
                               f"{len(rows)} rows were not saved and will be redone on resume") from None
         self.rows_written += len(rows)
@@ -285,13 +259,10 @@ def reconcile(out_dir: Path) -> int:
         removed += table.num_rows - kept.num_rows
         if kept.num_rows == 0:
             path.unlink()
+            fsync_dir(path.parent)
         else:
-            tmp = path.with_name(f".{path.name}.tmp")
-            pq.write_table(kept, tmp, compression="zstd")
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        fsync_dir(path.parent)
+            with replacing(path) as tmp:
+                pq.write_table(kept, tmp, compression="zstd")
     return removed
 
 
@@ -301,19 +272,14 @@ def compact(out_dir: Path, dest: Path) -> int:
     if not parts:
         raise OutputError(f"{out_dir}: no results to compact")
     schema = pq.read_schema(parts[0])
-    tmp = dest.with_name(f".{dest.name}.tmp")
     rows = 0
     try:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        with replacing(dest) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for path in parts:  # one part in memory at a time
                 table = pq.read_table(path).cast(schema)
                 writer.write_table(table)
                 rows += table.num_rows
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"{dest}: cannot write: {exc.strerror or exc}") from None
     return rows
 

@@ -114,10 +114,10 @@ def _read_jsonl(path: Path, columns: Sequence[str], on_bad_line: BadLine | None)
                     continue
                 try:
                     obj = loads(line)
+                    what = "expected a JSON object per line"
                 except orjson.JSONDecodeError as exc:
-                    obj = _json_problem(str(exc))
+                    obj, what = None, _json_problem(str(exc))
                 if not isinstance(obj, dict):
-                    what = obj.message if isinstance(obj, _Problem) else "expected a JSON object per line"
                     message = _bad_line(path, lineno, line, what)
                     if on_bad_line is None:
                         raise InputError(message)
@@ -139,19 +139,13 @@ def _read_jsonl(path: Path, columns: Sequence[str], on_bad_line: BadLine | None)
         yield RowBatch(start, cols, lines, len(lines))
 
 
-class _Problem:
-    __slots__ = ("message",)
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-
-def _json_problem(error: str) -> _Problem:
+def _json_problem(error: str) -> str:
+    """orjson's message, said for a person: an encoding hint, or the column within the line."""
     if "UTF-8" in error:
-        return _Problem("not valid UTF-8 (the file must be UTF-8; convert it, e.g. with iconv -f latin1 -t utf-8)")
+        return "not valid UTF-8 (the file must be UTF-8; convert it, e.g. with iconv -f latin1 -t utf-8)"
     where = error.rsplit(": line 1 ", 1)
     detail = f"{where[0]} at {where[1].split(' (')[0]}" if len(where) == 2 else error
-    return _Problem(f"not valid JSON: {detail}")
+    return f"not valid JSON: {detail}"
 
 
 def _bad_line(path: Path, lineno: int, line: bytes, what: str) -> str:

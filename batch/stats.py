@@ -8,7 +8,6 @@ increments: this is the hot path). At the end each becomes an immutable
 from __future__ import annotations
 
 import math
-import os
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from batch.atomic import replacing
 
 STATS_FILE = "stats.parquet"
 
@@ -141,11 +142,8 @@ def append_stats(out_dir: Path, rows: list[dict[str, Any]]) -> None:
             table = pa.concat_tables([old, table])
         except (pa.ArrowException, OSError):
             pass  # an unreadable old file is replaced by this run's figures
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def previous_cost(out_dir: Path) -> float:

@@ -8,7 +8,8 @@ import orjson
 import pytest
 
 from batch.errors import JobError
-from batch.prompts import PromptBuilder, Template, estimate_tokens
+from batch.prompts import PromptBuilder, Template
+from batch.tokens import heuristic_tokens
 from batch.sources import MISSING, RowBatch
 
 
@@ -76,4 +77,4 @@ class TestBuild:
 
 def test_token_heuristic_counts_chars_and_framing() -> None:
     """~4 characters per token plus 4 per message and 3 for the reply primer."""
-    assert estimate_tokens([{"role": "user", "content": "x" * 400}]) == 100 + 4 + 3
+    assert heuristic_tokens([{"role": "user", "content": "x" * 400}]) == 100 + 4 + 3
