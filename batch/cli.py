@@ -1,4 +1,4 @@
-"""Command line: ``batch run | validate | estimate | stats | compact | sim``; a thin layer over the Python API.
+"""Command line: ``batch run | validate | estimate | stats | compact | export | sim``; a thin layer over the Python API.
 
 Exit codes: 0 every row ok; 1 finished with some ``error`` rows; 2 invalid job
 or input, nothing sent; 3 stopped early (signal, budget, fatal provider
@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 
 from batch.errors import BatchError, InputError, JobError, OutputError
-from batch.job import load_job
+from batch.job import CACHE_MODES, load_job
 from batch.plan import make_plan, scan
 from batch.runner import EXIT_INVALID, EXIT_STOPPED, RunOptions, Summary, run_async
 
@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--fresh", action="store_true", help="delete earlier results in output.path and start over")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress display")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
+    r.add_argument("--cache", choices=CACHE_MODES, help="override run.cache: off, read-write, or replay "
+                   "(send nothing; rows not in the cache fail)")
+    r.add_argument("--cache-path", type=Path, help="override run.cache_path (the SQLite response cache)")
 
     v = sub.add_parser("validate", help="check the job file and the whole input; send nothing")
     v.add_argument("job", type=Path)
@@ -53,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compact", help="write an output's results as one Parquet file")
     c.add_argument("output", type=Path)
     c.add_argument("--to", type=Path, help="destination file (default OUTPUT/results.parquet)")
+
+    x = sub.add_parser("export", help="write an output's results in another format (OpenAI Batch output lines)")
+    x.add_argument("output", type=Path)
+    x.add_argument("file", type=Path, help="the file to write, e.g. results.jsonl")
+    x.add_argument("--format", choices=("openai-batch",), default="openai-batch")
+    x.add_argument("--errors", type=Path, help="write error rows to this file instead (OpenAI's error file)")
 
     m = sub.add_parser("sim", help="run the OpenAI-compatible simulator on 127.0.0.1")
     m.add_argument("--port", type=int, default=8765)
@@ -108,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sim(args)
         if args.command == "compact":
             return _compact(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "estimate":
             return _estimate(args)
     except (JobError, InputError) as exc:
@@ -130,6 +141,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.concurrency < 1:
             raise JobError("--concurrency: expected a positive integer")
         job = dataclasses.replace(job, run=dataclasses.replace(job.run, concurrency=args.concurrency))
+    if args.cache is not None:
+        job = dataclasses.replace(job, run=dataclasses.replace(job.run, cache=args.cache))
+    if args.cache_path is not None:
+        job = dataclasses.replace(job, run=dataclasses.replace(job.run, cache_path=args.cache_path.resolve()))
     options = RunOptions(retry_errors=args.retry_errors, retry_truncated=args.retry_truncated, force=args.force, fresh=args.fresh,
                          limit=args.limit, quiet=args.quiet)
     summary = asyncio.run(run_async(job, options))
@@ -149,6 +164,8 @@ def summary_dict(s: Summary) -> dict[str, object]:
         "rows": s.rows_total, "ok": s.rows_ok, "error": s.rows_error, "rows_this_run": s.rows_this_run,
         "rows_skipped": s.rows_skipped, "requests": u.requests, "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens, "cost_usd": round(u.cost_usd, 8),
+        "cache_hits": s.cache_hits, "cache_misses": s.cache_misses,
+        "cache_path": str(s.cache_path) if s.cache_path else None,
         "wall_seconds": round(s.wall_seconds, 3),
         "rows_per_second": round(s.rows_this_run / s.wall_seconds, 1) if s.wall_seconds else 0.0,
         "models": [
@@ -170,6 +187,9 @@ def format_summary(s: Summary) -> str:
         f"cost     ${u.cost_usd:.6f}{per_k}",
         f"time     {s.wall_seconds:.1f}s, {rate:.1f} rows/s, {u.requests} requests",
     ]
+    if s.cache_path is not None:
+        lines.append(f"cache    {s.cache_hits} rows answered from the cache (no request, no cost), "
+                     f"{s.cache_misses} not found; {s.cache_path}")
     for (provider, model), x in s.per_model.items():
         if not x.requests:
             continue
@@ -198,6 +218,10 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"  {report.bad_rows} rows cannot be sent ({kinds}); run.on_bad_row = {job.run.on_bad_row!r}: {fate}")
         for example in report.bad_examples:
             print(f"    {example}")
+    if report.body_models:
+        named = ", ".join(f"{m} ({n} lines)" for m, n in sorted(report.body_models.items()))
+        print(f"  lines name their own model: {named}; each starts there, then falls back along [[models]] "
+              "(input.body_model = \"keep\")")
     if report.bad_lines and job.run.on_bad_row == "skip":
         print(f"  {report.bad_lines} malformed lines will be left out, e.g. {report.bad_line_examples[0]}")
     smallest = min((m for m in est.models if m.context_window), key=lambda m: m.context_window or 0, default=None)
@@ -223,12 +247,12 @@ def _stats(args: argparse.Namespace) -> int:
     for r in runs:
         r["errors_by_type"] = dict(r["errors_by_type"] or [])
     sums = ("requests", "ok", "errors", "retries", "rate_limited", "fallbacks_in", "prompt_tokens",
-            "completion_tokens", "cost_usd", "charged_failures")
+            "completion_tokens", "cost_usd", "charged_failures", "cache_hits")
     models: dict[str, dict[str, float]] = {}
     for r in runs:
         m = models.setdefault(f"{r['provider']}:{r['model']}", dict.fromkeys(sums, 0))
         for k in sums:
-            m[k] += r[k]
+            m[k] += r.get(k) or 0  # columns added by later versions are absent from older files
     total = {k: sum(m[k] for m in models.values()) for k in sums}
     ledger = Ledger.read(args.output)
     row_cost = sum(float(pq.read_table(p, columns=["cost_usd"])["cost_usd"].fill_null(0).to_numpy().sum())
@@ -271,6 +295,17 @@ def _compact(args: argparse.Namespace) -> int:
     dest = args.to or args.output / "results.parquet"
     rows = compact(args.output, dest)
     print(f"wrote {rows} rows to {dest}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from batch.export import export_openai_batch
+    from batch.sinks import reconcile
+
+    reconcile(args.output)
+    ok, failed = export_openai_batch(args.output, args.file, args.errors)
+    where = f"; {failed} error lines to {args.errors}" if args.errors else f" ({failed} of them error lines)"
+    print(f"wrote {ok + failed if not args.errors else ok} lines to {args.file}{where}")
     return 0
 
 

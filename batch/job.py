@@ -10,17 +10,22 @@ and raised together as one ``JobError``.
 from __future__ import annotations
 
 import difflib
+import gzip
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from batch.catalog import BUILTIN_PROVIDERS, SIM_FAULTS
 from batch.errors import JobError
 
 INPUT_FORMATS = ("jsonl", "parquet", "openai-batch")
 ON_BAD_ROW = ("error", "skip", "fail")
+BODY_MODEL = ("replace", "keep")  # openai-batch input: what happens to each line's body.model
+CACHE_MODES = ("off", "read-write", "replay")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,6 +37,9 @@ class InputSpec:
     messages_column: str | None = None
     system: str | None = None
     keep_columns: tuple[str, ...] = ()
+    # openai-batch input: "replace" sends every line to the job's [[models]] chain;
+    # "keep" starts each line at its own body.model (the chain is its fallback and default).
+    body_model: str = "replace"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -39,6 +47,7 @@ class OutputSpec:
     path: Path
     flush_rows: int = 1000
     flush_seconds: float = 5.0
+    raw_response: bool = False  # keep each reply's JSON body in a response_body column
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,6 +92,9 @@ class RunSpec:
     give_up_seconds: float = 600.0  # stop the run (exit 3) when no model has answered for this long
     spill_on_rate_limit: bool = False  # rows move to the next model while the primary is rate limited
     check_models: bool = False  # GET {base_url}/models first: live prices, context windows, missing models
+    cache: str = "off"  # "off" | "read-write" | "replay": the response cache (batch/cache.py)
+    cache_path: Path | None = None  # None: default_cache_path(), shared by every job of the user
+    cache_nondeterministic: bool = False  # also cache requests without temperature 0 or a seed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -187,7 +199,7 @@ def _table(root: Mapping[str, Any], key: str, problems: _Problems) -> dict[str, 
 
 # --- sections ------------------------------------------------------------------
 
-_INPUT_KEYS = ("path", "format", "id_column", "template", "messages_column", "system", "keep_columns")
+_INPUT_KEYS = ("path", "format", "id_column", "template", "messages_column", "system", "keep_columns", "body_model")
 
 
 def _input(raw: dict[str, Any], base: Path, p: _Problems) -> InputSpec | None:
@@ -207,38 +219,70 @@ def _input(raw: dict[str, Any], base: Path, p: _Problems) -> InputSpec | None:
                   f"set input.format to one of {', '.join(INPUT_FORMATS)}")
     elif fmt not in INPUT_FORMATS:
         p.add("input.format", f"expected one of {', '.join(INPUT_FORMATS)}, got {fmt!r}")
-    if fmt != "openai-batch" and (template is None) == (messages_column is None):
+    id_column = _get(raw, "id_column", str, w, p)
+    body_model = _get(raw, "body_model", str, w, p, "replace")
+    if body_model not in BODY_MODEL:
+        p.add("input.body_model", f"expected one of {', '.join(BODY_MODEL)}, got {body_model!r}")
+    if fmt == "openai-batch":
+        for key in ("template", "messages_column", "id_column"):
+            if key in raw:
+                p.add(f"input.{key}", "not used with an OpenAI Batch file: each line's custom_id is its id "
+                      "and its body.messages the prompt; remove it")
+    elif (template is None) == (messages_column is None):
+        hint = ""
+        if fmt == "jsonl" and looks_like_openai_batch(full):
+            hint = ("; this file looks like an OpenAI Batch file (custom_id, url, body): "
+                    "set input.format = \"openai-batch\" or remove input.format")
         p.add("input", "set exactly one of 'template' (a string with {column} fields) "
-              "or 'messages_column' (a column of chat messages)")
+              "or 'messages_column' (a column of chat messages)" + hint)
+    if "body_model" in raw and fmt != "openai-batch":
+        p.add("input.body_model", "only for OpenAI Batch files (input.format = \"openai-batch\")")
     return InputSpec(
         path=full,
         format=fmt or "jsonl",
-        id_column=_get(raw, "id_column", str, w, p),
+        id_column="custom_id" if fmt == "openai-batch" else id_column,
         template=template,
         messages_column=messages_column,
         system=_get(raw, "system", str, w, p),
         keep_columns=tuple(_get(raw, "keep_columns", list, w, p, [])),
+        body_model=body_model,
     )
 
 
 def _guess_format(path: Path) -> str | None:
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")):
-        return "jsonl"
+        return "openai-batch" if looks_like_openai_batch(path) else "jsonl"
     if name.endswith((".parquet", ".pq")):
         return "parquet"
     return None
 
 
+def looks_like_openai_batch(path: Path) -> bool:
+    """Is the first line an OpenAI Batch request (custom_id, url and body)? False if unreadable."""
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    first = orjson.loads(line.removeprefix(b"\xef\xbb\xbf"))
+                    return isinstance(first, dict) and {"custom_id", "url", "body"} <= first.keys()
+    except (OSError, EOFError, ValueError):
+        pass
+    return False
+
+
 def _output(raw: dict[str, Any], base: Path, p: _Problems) -> OutputSpec | None:
     w = "output."
-    _check_keys(raw, ("path", "flush_rows", "flush_seconds"), w, p)
+    _check_keys(raw, ("path", "flush_rows", "flush_seconds", "raw_response"), w, p)
     path = _get(raw, "path", str, w, p, required=True)
     flush_rows = _get(raw, "flush_rows", int, w, p, 1000)
     flush_seconds = _get(raw, "flush_seconds", float, w, p, 5.0)
+    raw_response = _get(raw, "raw_response", bool, w, p, False)
     if path is None:
         return None
-    return OutputSpec(path=(base / path).resolve(), flush_rows=flush_rows, flush_seconds=flush_seconds)
+    return OutputSpec(path=(base / path).resolve(), flush_rows=flush_rows, flush_seconds=flush_seconds,
+                      raw_response=raw_response)
 
 
 _MODEL_KEYS = (
@@ -317,13 +361,17 @@ def _providers(root: Mapping[str, Any], models: tuple[ModelSpec, ...], p: _Probl
 _RUN_KEYS = tuple(f for f in RunSpec.__dataclass_fields__)
 
 
-def _run(raw: dict[str, Any], p: _Problems) -> RunSpec:
+def _run(raw: dict[str, Any], base: Path, p: _Problems) -> RunSpec:
     w = "run."
     _check_keys(raw, _RUN_KEYS, w, p)
     d = RunSpec()
     on_bad_row = _get(raw, "on_bad_row", str, w, p, d.on_bad_row)
     if on_bad_row not in ON_BAD_ROW:
         p.add("run.on_bad_row", f"expected one of {', '.join(ON_BAD_ROW)}, got {on_bad_row!r}")
+    cache = _get(raw, "cache", str, w, p, d.cache)
+    if cache not in CACHE_MODES:
+        p.add("run.cache", f"expected one of {', '.join(CACHE_MODES)}, got {cache!r}")
+    cache_path = _get(raw, "cache_path", str, w, p)
     return RunSpec(
         concurrency=_get(raw, "concurrency", int, w, p, d.concurrency),
         max_attempts=_get(raw, "max_attempts", int, w, p, d.max_attempts),
@@ -342,6 +390,9 @@ def _run(raw: dict[str, Any], p: _Problems) -> RunSpec:
         give_up_seconds=_get(raw, "give_up_seconds", float, w, p, d.give_up_seconds),
         spill_on_rate_limit=_get(raw, "spill_on_rate_limit", bool, w, p, d.spill_on_rate_limit),
         check_models=_get(raw, "check_models", bool, w, p, d.check_models),
+        cache=cache,
+        cache_path=(base / Path(cache_path).expanduser()).resolve() if cache_path else None,
+        cache_nondeterministic=_get(raw, "cache_nondeterministic", bool, w, p, d.cache_nondeterministic),
     )
 
 
@@ -399,7 +450,7 @@ def parse_job(data: Mapping[str, Any], source: Path) -> Job:
             p.add(f"request.{reserved}", "set by batch; choose models in [[models]] and prompts in [input]")
     models = _models(data, p)
     providers = _providers(data, models, p)
-    run = _run(_table(data, "run", p), p)
+    run = _run(_table(data, "run", p), base, p)
     sim = _sim(_table(data, "sim", p), p)
     p.raise_if_any()
     assert inp is not None and out is not None

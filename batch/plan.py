@@ -52,7 +52,8 @@ def make_plan(job: Job, counter: TokenCounter = HEURISTIC) -> Plan:
     builder = PromptBuilder(
         template=inp.template, messages_column=inp.messages_column, system=inp.system,
         id_column=inp.id_column, keep_columns=inp.keep_columns, request_fields=job.request, chain_key=chain,
-        counter=counter,
+        counter=counter, batch_file=inp.format == "openai-batch", keep_body_model=inp.body_model == "keep",
+        cache_all=job.run.cache_nondeterministic,
     )
     return Plan(job, builder, _keep_types(job), count_rows(inp.path, inp.format))
 
@@ -84,6 +85,9 @@ class ScanReport:
     duplicates: list[str] = field(default_factory=list)
     column_problems: list[str] = field(default_factory=list)
     ids: pa.ChunkedArray | None = None  # every row's id, in input order ("" for none); about 11 bytes per id
+    unsupported: int = 0  # OpenAI Batch lines for another endpoint than chat completions
+    unsupported_examples: list[str] = field(default_factory=list)
+    body_models: dict[str, int] = field(default_factory=dict)  # OpenAI Batch lines per body.model ("keep")
 
     def skip_mask(self, skip: pa.Array) -> pa.Array | None:
         """Which input rows are already answered: one set lookup for the whole input."""
@@ -99,6 +103,10 @@ class ScanReport:
         if self.duplicates:
             problems.append("ids must be unique; repeated: " + "; ".join(self.duplicates))
         if on_bad_row != "skip":
+            if self.unsupported:
+                problems.append(f"{self.unsupported} lines are not chat-completions requests, e.g. "
+                                + "; ".join(self.unsupported_examples)
+                                + " (or set run.on_bad_row = \"skip\" to leave them out)")
             if self.bad_lines:
                 problems.append(f"{self.bad_lines} lines are not JSON objects, e.g. "
                                 + "; ".join(self.bad_line_examples)
@@ -131,12 +139,19 @@ def scan(plan: Plan) -> ScanReport:
         report.rows += batch.size
         for req in plan.builder.build(batch, ids, None, encode=False):
             if req.problem is None:
+                if req.model is not None:
+                    report.body_models[req.model] = report.body_models.get(req.model, 0) + 1
                 continue
             kind, message = req.problem
             if kind == "missing_id":
                 report.missing_ids += 1
                 if len(report.missing_id_examples) < MAX_REPORTED:
                     report.missing_id_examples.append(message)
+                continue
+            if kind == "unsupported_request":
+                report.unsupported += 1
+                if len(report.unsupported_examples) < MAX_REPORTED:
+                    report.unsupported_examples.append(message)
                 continue
             report.bad_rows += 1
             report.bad_by_type[kind] = report.bad_by_type.get(kind, 0) + 1
@@ -198,8 +213,12 @@ def _duplicates(ids: pa.ChunkedArray, plan: Plan) -> list[str]:
 
 
 def fingerprint(job: Job) -> dict[str, Any]:
-    """Everything that changes answers. Comparing two tells the user what changed."""
-    return {
+    """Everything that changes answers (or the results' columns). Comparing two tells the user what changed.
+
+    Keys added after the first release appear only when set, so outputs of
+    earlier versions keep matching their unchanged jobs.
+    """
+    fp: dict[str, Any] = {
         "input": input_identity(job.input.path),
         "template": job.input.template,
         "messages_column": job.input.messages_column,
@@ -208,6 +227,11 @@ def fingerprint(job: Job) -> dict[str, Any]:
         "models": [f"{m.provider}:{m.model}" for m in job.models],
         "request": dict(job.request),
     }
+    if job.input.format == "openai-batch":
+        fp["body_model"] = job.input.body_model
+    if job.output.raw_response:
+        fp["raw_response"] = True
+    return fp
 
 
 def input_identity(path: Path) -> dict[str, Any]:

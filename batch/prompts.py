@@ -9,6 +9,11 @@ row, *without* the model; ``Request.body_for(prefix)`` puts a model's prefix
 A row that cannot become a request (a null or missing template field, a
 malformed messages value, no id) becomes a ``Request`` with ``problem`` set:
 the router turns it into an ``error`` row without sending anything.
+
+An OpenAI Batch file (``custom_id``, ``method``, ``url``, ``body`` per line)
+is built the same way: the body minus its model is the tail, the job's
+``[request]`` fields fill in what the body leaves out, and with
+``body_model = "keep"`` the body's model travels along as ``Request.model``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from batch.sources import MISSING, RowBatch
 from batch.tokens import HEURISTIC, TokenCounter
 
 
-
 class Request(NamedTuple):
     """One row, ready to send to any model of the chain.
 
@@ -41,6 +45,8 @@ class Request(NamedTuple):
     request_hash: str
     keep: tuple[Any, ...]
     problem: tuple[str, str] | None = None  # (error_type, message) for a bad row
+    cacheable: bool = False  # deterministic (temperature 0 or a seed), or the job caches everything
+    model: str | None = None  # an OpenAI Batch line's own body.model (body_model = "keep")
 
     def body_for(self, prefix: bytes) -> bytes:
         """The full body: a model's ``prefix`` (``{"model":"x",``) and this row's tail."""
@@ -74,6 +80,16 @@ class Template:
         return cls(tuple(fields), "".join(out))
 
 
+BATCH_LINE_COLUMNS = ("custom_id", "method", "url", "body")
+CHAT_URL_SUFFIX = "/chat/completions"
+_BODY_SET_BY_BATCH = ("model", "messages", "stream", "stream_options")
+
+
+def is_deterministic(fields: Mapping[str, Any]) -> bool:
+    """Does a request ask for a reproducible answer (temperature 0, or a seed)?"""
+    return fields.get("temperature") == 0 or fields.get("seed") is not None
+
+
 class PromptBuilder:
     """Builds Requests for one job; construct once, then call ``build`` per batch."""
 
@@ -88,17 +104,23 @@ class PromptBuilder:
         request_fields: Mapping[str, Any],
         chain_key: str,
         counter: TokenCounter = HEURISTIC,
+        batch_file: bool = False,
+        keep_body_model: bool = False,
+        cache_all: bool = False,
     ) -> None:
         self.count_tokens = counter.count
         self.template = Template.compile(template) if template is not None else None
         self.messages_column = messages_column
         self.system = system
-        self.id_column = id_column
+        self.batch_file = batch_file
+        self.keep_body_model = keep_body_model
+        self.cache_all = cache_all
+        self.id_column = "custom_id" if batch_file else id_column
         self.keep_columns = tuple(keep_columns)
         self.request_fields = dict(request_fields)
         self._chain_key = chain_key.encode()
-        needed: list[str] = []
-        for c in (id_column, messages_column, *(self.template.fields if self.template else ()), *keep_columns):
+        needed: list[str] = list(BATCH_LINE_COLUMNS) if batch_file else []
+        for c in (self.id_column, messages_column, *(self.template.fields if self.template else ()), *keep_columns):
             if c is not None and c not in needed:
                 needed.append(c)
         self.columns: tuple[str, ...] = tuple(needed)
@@ -115,6 +137,9 @@ class PromptBuilder:
 
         With ``encode=False`` only the checks run (for scans): no body is built.
         """
+        if self.batch_file:
+            yield from self._build_batch_lines(batch, ids, skip, encode)
+            return
         cols = batch.columns
         keeps = [cols[c] for c in self.keep_columns]
         if self.template is not None:
@@ -126,6 +151,7 @@ class PromptBuilder:
         sys_msg = {"role": "system", "content": self.system} if self.system else None
         fmt = self.template.positional if self.template else None
         chain_key = self._chain_key
+        cacheable = self.cache_all or is_deterministic(fields)
         for i, value in enumerate(texts):
             if skip is not None and skip[i]:
                 continue
@@ -149,7 +175,55 @@ class PromptBuilder:
                 messages.insert(0, sys_msg)
             tail = orjson.dumps({"messages": messages, **fields})[1:]
             digest = hashlib.blake2b(chain_key + tail, digest_size=16).hexdigest()
-            yield Request(rid, index, tail, self.count_tokens(messages), digest, keep)
+            yield Request(rid, index, tail, self.count_tokens(messages), digest, keep, None, cacheable)
+
+    def _build_batch_lines(self, batch: RowBatch, ids: list[str], skip: Sequence[bool] | None,
+                           encode: bool) -> Iterator[Request]:
+        """Requests from OpenAI Batch lines: checked url and method, body as given."""
+        cols = batch.columns
+        keeps = [cols[c] for c in self.keep_columns]
+        defaults = self.request_fields
+        sys_msg = {"role": "system", "content": self.system} if self.system else None
+        for i, (method, url, body) in enumerate(zip(cols["method"], cols["url"], cols["body"])):
+            if skip is not None and skip[i]:
+                continue
+            index = batch.start + i
+            rid = ids[i]
+            keep = tuple(None if k[i] is MISSING else k[i] for k in keeps)
+            messages, problem, model = self._check_line(method, url, body, rid, batch.where(i))
+            if problem is not None or messages is None:
+                yield Request(rid or f"row-{index}", index, b"", 0, "", keep, problem)
+                continue
+            if not encode:
+                if model is not None:
+                    yield Request(rid, index, b"", 0, "", keep, None, False, model)  # the scan counts models
+                continue
+            if sys_msg is not None and messages[0].get("role") != "system":
+                messages.insert(0, sys_msg)
+            fields = {**defaults, **{k: v for k, v in body.items() if k not in _BODY_SET_BY_BATCH}}
+            tail = orjson.dumps({"messages": messages, **fields})[1:]
+            key = self._chain_key + (model.encode() if model is not None else b"")
+            digest = hashlib.blake2b(key + tail, digest_size=16).hexdigest()
+            yield Request(rid, index, tail, self.count_tokens(messages), digest, keep, None,
+                          self.cache_all or is_deterministic(fields), model)
+
+    def _check_line(self, method: Any, url: Any, body: Any, rid: str, where: str
+                    ) -> tuple[list[dict[str, Any]] | None, tuple[str, str] | None, str | None]:
+        if not rid:
+            return None, ("missing_id", f"{where}: no custom_id"), None
+        if not isinstance(url, str) or not url.rstrip("/").endswith(CHAT_URL_SUFFIX):
+            return None, ("unsupported_request", (f"{where}: url {url!r} is not chat completions; batch runs "
+                          f"only \"/v1/chat/completions\" lines (move other endpoints to their own file)")), None
+        if method is not MISSING and method != "POST":
+            return None, ("unsupported_request", f"{where}: method {method!r}; Batch lines are POST"), None
+        if not isinstance(body, dict):
+            return None, ("bad_body", (f"{where}: 'body' must be a JSON object with messages, "
+                          f"got {type(body).__name__ if body is not MISSING else 'nothing'}")), None
+        messages, problem = _check_messages(body.get("messages", MISSING), where, "body.messages")
+        model = body.get("model") if self.keep_body_model else None
+        if model is not None and not isinstance(model, str):
+            return None, ("bad_body", f"{where}: body.model must be a string, got {model!r}"), None
+        return messages, problem, model
 
     def _from_template(
         self, fmt: str, values: tuple[Any, ...], batch: RowBatch, i: int
@@ -161,8 +235,8 @@ class PromptBuilder:
             if v is None:
                 return None, ("null_field", f"{batch.where(i)}: field {name!r} is null")
             if isinstance(v, (dict, list, tuple, bytes)):
-                return None, ("bad_field_type", f"{batch.where(i)}: field {name!r} is a {type(v).__name__}; "
-                              "template fields need text or numbers")
+                return None, ("bad_field_type", (f"{batch.where(i)}: field {name!r} is a {type(v).__name__}; "
+                              "template fields need text or numbers"))
         return [{"role": "user", "content": fmt.format(*values)}], None
 
 

@@ -48,15 +48,20 @@ class Endpoint:
     headers: Mapping[str, str] = field(repr=False)
 
 
-def make_endpoint(name: str, base_url: str, api_key_env: str | None, extra: Mapping[str, str]) -> Endpoint:
-    """Read the key from the environment now, once; raise JobError if it is missing."""
+def make_endpoint(name: str, base_url: str, api_key_env: str | None, extra: Mapping[str, str], *,
+                  require_key: bool = True) -> Endpoint:
+    """Read the key from the environment now, once; raise JobError if it is missing.
+
+    ``require_key=False`` (cache replay: nothing will be sent) accepts a missing key.
+    """
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **extra}
     if api_key_env:
         key = os.environ.get(api_key_env, "").strip()
-        if not key:
+        if not key and require_key:
             raise JobError(f"provider {name!r}: environment variable {api_key_env} is not set; "
                            f"export your API key there (keys are never read from the job file)")
-        headers["Authorization"] = f"Bearer {key}"
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
     return Endpoint(name=name, url=base_url.rstrip("/") + "/chat/completions", headers=headers)
 
 
@@ -85,6 +90,7 @@ class Reply:
     reasoning_tokens: int | None
     latency_ms: float
     rate: RateInfo | None
+    raw: bytes  # the response body as received: for the cache and output.raw_response
 
 
 def open_session(concurrency: int) -> aiohttp.ClientSession:
@@ -113,16 +119,22 @@ async def send(session: aiohttp.ClientSession, endpoint: Endpoint, model: str, b
     latency_ms = (time.perf_counter() - started) * 1000
     if status != 200:
         raise classify(status, raw, headers, model)
+    return reply_from_body(raw, model, latency_ms, headers)
+
+
+def reply_from_body(raw: bytes, model: str, latency_ms: float = 0.0,
+                    headers: Mapping[str, str] | None = None) -> Reply:
+    """Parse a chat-completions body (from the wire, or from the cache)."""
     try:
         data = orjson.loads(raw)
-        return _parse(data, model, latency_ms, headers)
+        return _parse(data, model, latency_ms, headers or {}, raw)
     except ProviderError:
         raise
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError, ValueError):
         raise TransientError(f"malformed reply: {raw[:120]!r}", model=model, kind="bad_response") from None
 
 
-def _parse(data: dict[str, Any], model: str, latency_ms: float, headers: Mapping[str, str]) -> Reply:
+def _parse(data: dict[str, Any], model: str, latency_ms: float, headers: Mapping[str, str], raw: bytes) -> Reply:
     if "error" in data and data["error"]:
         raise classify(200, data, headers, model)
     choice = data["choices"][0]
@@ -155,6 +167,7 @@ def _parse(data: dict[str, Any], model: str, latency_ms: float, headers: Mapping
         reasoning_tokens=cdetails.get("reasoning_tokens"),
         latency_ms=latency_ms,
         rate=rate_info(headers),
+        raw=raw,
     )
 
 

@@ -14,6 +14,11 @@ For each model of the chain in order, up to ``max_attempts`` attempts:
 A ``Breaker`` per model skips a model that keeps failing for a cool-down and
 then lets one probe through. This module consumes ProviderErrors; it never
 raises them. ``RunStopped`` tells the worker to drop the row unrecorded.
+
+With a response cache, a row is first looked up under each model of its
+chain, in order; a hit is an ``ok`` row with ``cached`` set, no request and
+zero cost. In replay mode a miss is an ``error`` row (``cache_miss``) and
+nothing is ever sent.
 """
 
 from __future__ import annotations
@@ -21,17 +26,18 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import aiohttp
 import orjson
 
+from batch.cache import ResponseCache, cache_key
 from batch.errors import FallbackError, FatalError, ProviderError, RateLimited, RejectedError, TransientError
 from batch.limits import ModelLimiter
 from batch.prompts import Request
-from batch.provider import Endpoint, Reply, send
+from batch.provider import Endpoint, Reply, reply_from_body, send
 from batch.stats import ModelStats
 
 
@@ -60,11 +66,13 @@ class Result(NamedTuple):
     cached_tokens: int | None
     reasoning_tokens: int | None
     cost_usd: float | None
-    cost_source: str | None  # "provider" | "price_table" | None
+    cost_source: str | None  # "provider" | "price_table" | "cache" | None
     latency_ms: float | None
     error_type: str | None
     error_message: str | None
     request_hash: str
+    cached: bool  # answered from the response cache: no request, no cost
+    response_body: bytes | None  # the reply's JSON body (output.raw_response), else None
     keep: tuple[Any, ...]
 
 
@@ -127,6 +135,7 @@ class Target:
     model: str
     provider: str
     prefix: bytes  # b'{"model":"x",' (plus OpenRouter's "models" list when server fallback is on)
+    cache_salt: bytes  # the provider's configured base URL and a NUL: part of every cache key
     endpoint: Endpoint
     limiter: ModelLimiter
     breaker: Breaker
@@ -166,6 +175,7 @@ class Policy:
     max_tokens: int  # completion reserve for the token budget
     length_is_failure: bool = False
     spill_on_rate_limit: bool = False  # a row whose model is rate limited moves to the next model
+    keep_response_body: bool = False  # output.raw_response
 
 
 class Budget:
@@ -213,12 +223,16 @@ class Router:
 
     def __init__(self, session: aiohttp.ClientSession, targets: Sequence[Target], policy: Policy,
                  on_fatal: Callable[[FatalError], None], budget: Budget | None = None,
-                 on_budget: Callable[[], None] = lambda: None) -> None:
+                 on_budget: Callable[[], None] = lambda: None, *, cache: ResponseCache | None = None,
+                 row_chains: Mapping[str, Sequence[Target]] | None = None) -> None:
         self.session = session
         self.budget = budget or Budget(None)
         self.on_budget = on_budget
-        self.targets = list(targets) if policy.fallback else list(targets)[:1]
-        self.levels = {t.model: t.level for t in self.targets}
+        width = None if policy.fallback else 1
+        self.targets = list(targets)[:width]
+        # OpenAI Batch lines with their own body.model (body_model = "keep") start at that model
+        self.row_chains = {m: list(chain)[:width] for m, chain in (row_chains or {}).items()}
+        self.cache = cache
         self.policy = policy
         self.on_fatal = on_fatal
         self.stopping = False
@@ -230,18 +244,50 @@ class Router:
     async def route(self, req: Request) -> Result:
         if req.problem is not None:
             return error_result(req, req.problem[0], req.problem[1], attempts=0)
+        chain = self.targets if req.model is None else self.row_chains.get(req.model, self.targets)
+        cache = self.cache
+        if cache is not None and (req.cacheable or not cache.writable):
+            hit = self._from_cache(req, chain, cache)
+            if hit is not None:
+                return hit
+            if not cache.writable:
+                return error_result(req, "cache_miss", _miss_message(req, cache), attempts=0)
         row = _Row()
         last: ProviderError | None = None
-        final = len(self.targets) - 1
-        for t in self.targets:
-            if t.level > 0:
+        final = len(chain) - 1
+        for level, t in enumerate(chain):
+            if level > 0:
                 t.stats.fallbacks_in += 1
-            reply, last = await self._attempts(req, t, row, last, is_last=t.level == final)
+            reply, last = await self._attempts(req, t, row, last, is_last=level == final)
             if reply is not None:
-                return self._ok(req, t, reply, row)
+                if cache is not None and req.cacheable:
+                    cache.put(cache_key(t.cache_salt, req.body_for(t.prefix)), reply.raw, t.model)
+                return self._ok(req, t, reply, row, level, chain)
         assert last is not None
         return error_result(req, last.kind, str(last), attempts=row.sent, level=final, model=last.model,
-                      charged=row.charged)
+                            charged=row.charged)
+
+    def _from_cache(self, req: Request, chain: Sequence[Target], cache: ResponseCache) -> Result | None:
+        """The first model of the chain whose answer to this exact request is stored."""
+        final = len(chain) - 1
+        for level, t in enumerate(chain):
+            raw = cache.get(cache_key(t.cache_salt, req.body_for(t.prefix)))
+            if raw is None:
+                continue
+            try:
+                reply = reply_from_body(raw, t.model)
+            except ProviderError:
+                continue  # stored by another version or damaged: as if absent
+            if self.policy.length_is_failure and reply.finish_reason == "length" and level < final:
+                continue
+            cache.hits += 1
+            t.stats.cache_hits += 1
+            return Result(req.id, "ok", reply.text, reply.finish_reason, reply.model, t.provider, level, 0,
+                          reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens,
+                          reply.reasoning_tokens, 0.0, "cache", None, None, None, req.request_hash, True,
+                          raw if self.policy.keep_response_body else None, req.keep)
+        cache.misses += 1
+        return None
 
     async def _attempts(self, req: Request, t: Target, row: _Row, last: ProviderError | None, *,
                         is_last: bool) -> tuple[Reply | None, ProviderError | None]:
@@ -379,7 +425,7 @@ class Router:
         if self.stopping:
             raise RunStopped("run is stopping")
 
-    def _ok(self, req: Request, t: Target, reply: Reply, row: _Row) -> Result:
+    def _ok(self, req: Request, t: Target, reply: Reply, row: _Row, level: int, chain: Sequence[Target]) -> Result:
         cost, source = t.cost_of(reply)
         s = t.stats
         s.ok += 1
@@ -389,15 +435,26 @@ class Router:
             s.cost_usd += cost
             cost += row.charged  # the row's cost includes failed attempts that were billed
         s.latencies.append(reply.latency_ms)
-        level = self.levels.get(reply.model, t.level)  # OpenRouter's own fallback may have answered
+        if reply.model != t.model:  # OpenRouter's own fallback (server_fallback) answered
+            level = next((j for j, x in enumerate(chain) if x.model == reply.model), level)
         return Result(req.id, "ok", reply.text, reply.finish_reason, reply.model, t.provider, level,
                       row.sent, reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens,
                       reply.reasoning_tokens, cost, source,
-                      round(reply.latency_ms, 3), None, None, req.request_hash, req.keep)
+                      round(reply.latency_ms, 3), None, None, req.request_hash, False,
+                      reply.raw if self.policy.keep_response_body else None, req.keep)
+
+
+def _miss_message(req: Request, cache: ResponseCache) -> str:
+    why = "" if req.cacheable else (
+        "; it is not deterministic (no temperature 0 and no seed), so a read-write run stores it only with "
+        "run.cache_nondeterministic = true")
+    return (f"not in the response cache {cache.path} (run.cache = \"replay\" sends nothing): this exact request "
+            f"(model, messages, request fields) was never recorded, or it changed since. Record it with "
+            f"--cache read-write{why}")
 
 
 def error_result(req: Request, kind: str, message: str, *, attempts: int, level: int | None = None,
-           model: str | None = None, charged: float = 0.0) -> Result:
+                 model: str | None = None, charged: float = 0.0) -> Result:
     return Result(req.id, "error", None, None, model or None, None, level, attempts, None, None, None, None,
                   charged or None, "provider" if charged else None, None, kind, message, req.request_hash,
-                  req.keep)
+                  False, None, req.keep)

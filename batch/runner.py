@@ -22,7 +22,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +33,8 @@ import pyarrow.compute as pc
 
 from batch.catalog import SIM_BASE_URL, prices_for
 from batch.errors import FatalError, InputError, OutputError, ProviderError
-from batch.job import Job
+from batch.cache import ResponseCache, default_cache_path
+from batch.job import Job, ModelSpec
 from batch.limits import ModelLimiter
 from batch.plan import Plan, describe_changes, fingerprint, make_plan, scan
 from batch.progress import Progress, Tally
@@ -72,6 +73,9 @@ class Summary:
     rows_error: int = 0
     rows_this_run: int = 0
     rows_skipped: int = 0  # already answered by an earlier run
+    cache_hits: int = 0  # rows of this run answered from the response cache
+    cache_misses: int = 0  # rows looked up and not found (then sent, or in replay mode failed)
+    cache_path: Path | None = None
     wall_seconds: float = 0.0
     per_model: dict[tuple[str, str], Usage] = field(default_factory=dict)
 
@@ -121,26 +125,43 @@ def prepare_output(job: Job, plan: Plan, options: RunOptions) -> dict[str, objec
     return manifest
 
 
-def _targets(job: Job, sim_url: str | None) -> list[Target]:
+def _targets(job: Job, sim_url: str | None, body_models: Iterable[str] = ()
+             ) -> tuple[list[Target], dict[str, list[Target]]]:
+    """The job's chain, and for OpenAI Batch lines that name their own model (body_model = "keep"),
+    a chain starting at that model: on the first model's provider unless the chain already has it."""
     endpoints: dict[str, Endpoint] = {}
-    targets = []
-    for level, m in enumerate(job.models):
+    require_key = job.run.cache != "replay"  # replay sends nothing, so CI needs no key
+
+    def target(level: int, m: ModelSpec, server_fallback: list[str]) -> Target:
         spec = job.provider_of(m)
         if m.provider not in endpoints:
             base = sim_url if spec.base_url == SIM_BASE_URL and sim_url else spec.base_url
-            endpoints[m.provider] = make_endpoint(spec.name, base, spec.api_key_env, spec.headers)
+            endpoints[m.provider] = make_endpoint(spec.name, base, spec.api_key_env, spec.headers,
+                                                  require_key=require_key)
         p_in, p_out = prices_for(m.model, m.price_input_per_million, m.price_output_per_million)
-        later = [x.model for x in job.models[level + 1:] if x.provider == m.provider]
-        server_fallback = later if job.run.server_fallback and job.run.fallback else []
-        targets.append(Target(
+        return Target(
             level=level, model=m.model, provider=m.provider, prefix=model_prefix(m.model, server_fallback),
+            cache_salt=spec.base_url.encode() + b"\0",
             endpoint=endpoints[m.provider], limiter=ModelLimiter(m.requests_per_minute, m.tokens_per_minute),
             breaker=Breaker(job.run.breaker_failures, job.run.breaker_cooldown_seconds),
             stats=ModelStats(m.label),
             price_in=p_in / 1e6 if p_in is not None else None,
             price_out=p_out / 1e6 if p_out is not None else None,
-        ))
-    return targets
+        )
+
+    chain = []
+    for level, m in enumerate(job.models):
+        later = [x.model for x in job.models[level + 1:] if x.provider == m.provider]
+        chain.append(target(level, m, later if job.run.server_fallback and job.run.fallback else []))
+    targets = list(chain)
+    row_chains: dict[str, list[Target]] = {}
+    for name in sorted(body_models):
+        own = next((t for t in chain if t.model == name), None)
+        if own is None:
+            own = target(len(targets), ModelSpec(provider=job.models[0].provider, model=name), [])
+            targets.append(own)
+        row_chains[name] = [own, *(t for t in chain if t is not own)]
+    return targets, row_chains
 
 
 async def _check_models(job: Job, session: aiohttp.ClientSession, targets: list[Target],
@@ -180,19 +201,29 @@ async def run_async(job: Job, options: RunOptions = RunOptions()) -> Summary:
     started = time.monotonic()
     for m in job.models:  # a missing key is an invalid job: say so before reading anything
         spec = job.provider_of(m)
-        make_endpoint(spec.name, spec.base_url, spec.api_key_env, spec.headers)
+        make_endpoint(spec.name, spec.base_url, spec.api_key_env, spec.headers,
+                      require_key=job.run.cache != "replay")
     plan = make_plan(job)
     report = scan(plan)
     if blocking := report.blocking(job.run.on_bad_row):
         raise InputError(f"{job.input.path}: nothing was sent:\n  " + "\n  ".join(blocking))
     out = job.output.path
-    manifest = prepare_output(job, plan, options)
+    summary = Summary(out_dir=out)
+    cache = None
+    if job.run.cache != "off":  # opened before anything is written: a replay without a cache is exit 2
+        summary.cache_path = job.run.cache_path or default_cache_path()
+        cache = ResponseCache(summary.cache_path, job.run.cache)
+    try:
+        manifest = prepare_output(job, plan, options)
+    except BaseException:
+        if cache is not None:
+            cache.close()
+        raise
     for name in set_aside_damaged(out):
         print(f"warning: {out / RESULTS_DIR / name} is damaged (half-written or truncated) and was set aside "
               f"as .{name}.damaged; its rows will be redone", file=sys.stderr)
     reconcile(out)  # finish a superseding that a crash interrupted
     ledger = Ledger.read(out)
-    summary = Summary(out_dir=out)
     skip = ledger.skip_set(retry_errors=options.retry_errors, retry_truncated=options.retry_truncated)
     done_mask = report.skip_mask(skip)
     report.ids = None  # the ids are not needed any more: free them before sending,
@@ -212,36 +243,16 @@ async def run_async(job: Job, options: RunOptions = RunOptions()) -> Summary:
 
     stop = _Stop()
     tally = Tally()
-    async with _maybe_sim(job) as sim_url:
-        targets = _targets(job, sim_url)
-
-        def on_fatal(e: FatalError) -> None:
-            stop.request(f"the provider refused the run: {e}. Fix this, then rerun the same command to resume.")
-
-        async with open_session(job.run.concurrency) as session, Sink(
-            out, result_schema(plan.keep_types), flush_rows=job.output.flush_rows,
-            flush_seconds=job.output.flush_seconds,
-        ) as sink:
-            policy = Policy(max_attempts=job.run.max_attempts, timeout=job.run.timeout_seconds,
-                            fallback=job.run.fallback, backoff_base=job.run.backoff_base_seconds,
-                            backoff_max=job.run.backoff_max_seconds,
-                            max_rate_limit_waits=job.run.max_rate_limit_waits, max_tokens=plan.max_tokens,
-                            length_is_failure=job.run.length_is_failure,
-                            spill_on_rate_limit=job.run.spill_on_rate_limit)
-            def on_budget() -> None:
-                stop.request(f"budget reached: max_cost_usd ${job.run.max_cost_usd} would be passed by the next "
-                             "request. Raise max_cost_usd and rerun to resume.")
-
-            if job.run.check_models:
-                await _check_models(job, session, targets, progress)
-            budget = Budget(job.run.max_cost_usd, spent=previous_cost(out))
-            router = Router(session, targets, policy, on_fatal, budget, on_budget)
-            await _pump(job, plan, done_mask, options, router, sink, stop, tally, progress, targets)
-            await sink.drain()
-            if sink.error is not None:
-                stop.request(str(sink.error))
-        progress.close(tally)
-
+    try:
+        targets = await _send_all(job, plan, report.body_models, done_mask, options, cache, stop, tally,
+                                  progress)
+    finally:
+        if cache is not None:
+            cache.close()
+            summary.cache_hits, summary.cache_misses = cache.hits, cache.misses
+            if cache.error is not None:
+                progress.message(f"warning: {cache.error}; the results are complete, but later runs will "
+                                 "send these requests again")
     wall = time.monotonic() - started
     summary.per_model = {(t.provider, t.model): t.stats.freeze(wall) for t in targets}
     summary.wall_seconds = wall
@@ -262,6 +273,45 @@ async def run_async(job: Job, options: RunOptions = RunOptions()) -> Summary:
         summary.exit_code = EXIT_ERRORS
     _finish_output(out, run_id, manifest, entry, summary, tally)
     return summary
+
+
+async def _send_all(job: Job, plan: Plan, body_models: Iterable[str], done_mask: pa.Array | None,
+                    options: RunOptions, cache: ResponseCache | None, stop: _Stop, tally: Tally,
+                    progress: Progress) -> list[Target]:
+    """The sending part of a run: simulator, session, sink, router, pump. Returns the targets (with stats)."""
+    out = job.output.path
+    async with _maybe_sim(job) as sim_url:
+        targets, row_chains = _targets(job, sim_url, body_models)
+
+        def on_fatal(e: FatalError) -> None:
+            stop.request(f"the provider refused the run: {e}. Fix this, then rerun the same command to resume.")
+
+        def on_budget() -> None:
+            stop.request(f"budget reached: max_cost_usd ${job.run.max_cost_usd} would be passed by the next "
+                         "request. Raise max_cost_usd and rerun to resume.")
+
+        schema = result_schema(plan.keep_types, raw_response=job.output.raw_response)
+        async with open_session(job.run.concurrency) as session, Sink(
+            out, schema, flush_rows=job.output.flush_rows, flush_seconds=job.output.flush_seconds,
+        ) as sink:
+            policy = Policy(max_attempts=job.run.max_attempts, timeout=job.run.timeout_seconds,
+                            fallback=job.run.fallback, backoff_base=job.run.backoff_base_seconds,
+                            backoff_max=job.run.backoff_max_seconds,
+                            max_rate_limit_waits=job.run.max_rate_limit_waits, max_tokens=plan.max_tokens,
+                            length_is_failure=job.run.length_is_failure,
+                            spill_on_rate_limit=job.run.spill_on_rate_limit,
+                            keep_response_body=job.output.raw_response)
+            if job.run.check_models and job.run.cache != "replay":
+                await _check_models(job, session, targets, progress)
+            budget = Budget(job.run.max_cost_usd, spent=previous_cost(out))
+            router = Router(session, targets[:len(job.models)], policy, on_fatal, budget, on_budget,
+                            cache=cache, row_chains=row_chains)
+            await _pump(job, plan, done_mask, options, router, sink, stop, tally, progress, targets)
+            await sink.drain()
+            if sink.error is not None:
+                stop.request(str(sink.error))
+        progress.close(tally)
+    return targets
 
 
 def _finish_output(out: Path, run_id: str, manifest: dict[str, object], entry: dict[str, object],

@@ -39,21 +39,34 @@ BASE_FIELDS: list[tuple[str, pa.DataType]] = [
     ("cached_tokens", pa.int64()), ("reasoning_tokens", pa.int64()),
     ("cost_usd", pa.float64()), ("cost_source", pa.string()), ("latency_ms", pa.float64()),
     ("error_type", pa.string()), ("error_message", pa.string()), ("request_hash", pa.string()),
+    ("cached", pa.bool_()),
 ]
+RESPONSE_BODY = ("response_body", pa.string())  # only with output.raw_response
 
 
-def result_schema(keep: Sequence[tuple[str, pa.DataType]]) -> pa.Schema:
-    names = {n for n, _ in BASE_FIELDS}
+def result_schema(keep: Sequence[tuple[str, pa.DataType]], *, raw_response: bool = False) -> pa.Schema:
+    base = BASE_FIELDS + ([RESPONSE_BODY] if raw_response else [])
+    names = set(Result._fields)  # a kept column never takes the name of a result column
     extra = [(f"input_{n}" if n in names else n, t) for n, t in keep]
-    return pa.schema(BASE_FIELDS + extra)
+    return pa.schema(base + extra)
+
+
+_RESULT_INDEX = {name: i for i, name in enumerate(Result._fields)}
 
 
 def _to_table(rows: list[Result], schema: pa.Schema) -> pa.Table:
     columns = list(zip(*rows))  # one C-level transpose per part, not per row
-    arrays = [pa.array(columns[i], type=schema.field(i).type) for i in range(len(BASE_FIELDS))]
-    keeps = list(zip(*columns[len(BASE_FIELDS)])) if rows and rows[0].keep else []
-    for k in range(len(schema) - len(BASE_FIELDS)):
-        field = schema.field(len(BASE_FIELDS) + k)
+    arrays = []
+    n_base = 0
+    for field in schema:
+        i = _RESULT_INDEX.get(field.name)
+        if i is None:
+            break  # the kept input columns follow
+        arrays.append(pa.array(columns[i], type=field.type))
+        n_base += 1
+    keeps = list(zip(*columns[_RESULT_INDEX["keep"]])) if rows and rows[0].keep else []
+    for k in range(len(schema) - n_base):
+        field = schema.field(n_base + k)
         values: Sequence[Any] = keeps[k] if keeps else [None] * len(rows)
         if pa.types.is_string(field.type):
             values = [v if v is None or isinstance(v, str) else orjson.dumps(v).decode() for v in values]

@@ -26,7 +26,7 @@ class ModelStats:
     """Mutable counters for one model during one run."""
 
     __slots__ = ("label", "requests", "ok", "errors", "retries", "rate_limited", "fallbacks_in",
-                 "prompt_tokens", "completion_tokens", "cost_usd", "charged_failures", "latencies")
+                 "prompt_tokens", "completion_tokens", "cost_usd", "charged_failures", "latencies", "cache_hits")
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -41,6 +41,7 @@ class ModelStats:
         self.cost_usd = 0.0
         self.charged_failures = 0
         self.latencies = array("d")  # 8 bytes per answered request
+        self.cache_hits = 0  # rows answered from the response cache (not requests: nothing was sent)
 
     def freeze(self, wall_seconds: float) -> Usage:
         lat = sorted(self.latencies)
@@ -48,7 +49,7 @@ class ModelStats:
             requests=self.requests, ok=self.ok, errors=dict(self.errors), retries=self.retries,
             rate_limited=self.rate_limited, fallbacks_in=self.fallbacks_in,
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-            cost_usd=self.cost_usd, charged_failures=self.charged_failures,
+            cost_usd=self.cost_usd, charged_failures=self.charged_failures, cache_hits=self.cache_hits,
             latency_p50_ms=_pct(lat, 50), latency_p95_ms=_pct(lat, 95), latency_p99_ms=_pct(lat, 99),
             wall_seconds=wall_seconds,
         )
@@ -75,6 +76,7 @@ class Usage:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     charged_failures: int = 0
+    cache_hits: int = 0
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
     latency_p99_ms: float | None = None
@@ -90,6 +92,7 @@ class Usage:
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             cost_usd=self.cost_usd + other.cost_usd, charged_failures=self.charged_failures + other.charged_failures,
+            cache_hits=self.cache_hits + other.cache_hits,
             wall_seconds=max(self.wall_seconds, other.wall_seconds),
         )
 
@@ -112,6 +115,7 @@ STATS_SCHEMA = pa.schema([
     ("charged_failures", pa.int64()),
     ("latency_p50_ms", pa.float64()), ("latency_p95_ms", pa.float64()), ("latency_p99_ms", pa.float64()),
     ("wall_seconds", pa.float64()), ("requests_per_minute", pa.float64()), ("tokens_per_minute", pa.float64()),
+    ("cache_hits", pa.int64()),
 ])
 
 
@@ -128,6 +132,7 @@ def stats_rows(run_id: str, per_model: dict[tuple[str, str], Usage]) -> list[dic
             "latency_p50_ms": u.latency_p50_ms, "latency_p95_ms": u.latency_p95_ms,
             "latency_p99_ms": u.latency_p99_ms, "wall_seconds": u.wall_seconds,
             "requests_per_minute": u.requests_per_minute, "tokens_per_minute": u.tokens_per_minute,
+            "cache_hits": u.cache_hits,
         })
     return rows
 
@@ -138,7 +143,11 @@ def append_stats(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     table = pa.Table.from_pylist(rows, schema=STATS_SCHEMA)
     if path.exists():
         try:
-            old = pq.read_table(path).cast(STATS_SCHEMA)
+            old = pq.read_table(path)
+            for name in STATS_SCHEMA.names:  # a column added by a later version: zero for older runs
+                if name not in old.column_names:
+                    old = old.append_column(name, pa.array([0] * old.num_rows, STATS_SCHEMA.field(name).type))
+            old = old.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
             table = pa.concat_tables([old, table])
         except (pa.ArrowException, OSError):
             pass  # an unreadable old file is replaced by this run's figures

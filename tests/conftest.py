@@ -88,7 +88,8 @@ def write_job(
     def table(header: str, values: dict[str, Any]) -> None:
         sections.append(f"[{header}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
 
-    table("input", {"path": str(input_path), "id_column": "id", "template": "Say {text}", **(input or {})})
+    inp = {"path": str(input_path), "id_column": "id", "template": "Say {text}", **(input or {})}
+    table("input", {k: v for k, v in inp.items() if v is not None})  # None drops a default key
     table("output", {"path": str(tmp / "out"), **(output or {})})
     table("request", request if request is not None else {"temperature": 0, "max_tokens": 8})
     for m in models or [{"provider": "local", "model": "openai/gpt-3.5-turbo"}]:
