@@ -9,11 +9,18 @@ separate processes (so each pays its own start-up, as a user would):
    parse, write Parquet parts, stats, manifest.
 Prints rows/s and CPU seconds per 1,000 rows (user + system of the process and
 its threads) for each, best of --rounds, and their ratio.
+
+With --cache, three more runs per round measure the response cache: a cold
+cache (every row a miss: looked up, sent, stored), a warm cache (every row a
+hit: nothing sent) and replay; then lookups per second on the cache file
+itself (hits and misses, in-process).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import random
 import resource
 import shutil
 import subprocess
@@ -59,20 +66,31 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--flush-rows", type=int, default=1000)
+    ap.add_argument("--cache", action="store_true", help="also measure the response cache")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="batch-bench-"))
     results: dict[str, list[tuple[float, float]]] = {"bare aiohttp loop": [], "batch run (full pipeline)": []}
+    cache_file = tmp / "cache.sqlite3"
+    lookups: tuple[float, float] | None = None
     try:
         data = write_parquet(tmp / "in.parquet", args.rows)
         with sim_process() as url:
             job = write_job(tmp / "job.toml", data, url, args.concurrency)
             text = job.read_text().replace("[output]\n", f"[output]\nflush_rows = {args.flush_rows}\n")
-            job.write_text(text)
+            job.write_text(text + f'cache_path = "{cache_file}"\n')
+            run = [PYTHON, "-m", "batch", "run", str(job), "--quiet", "--fresh"]
             for _ in range(args.rounds):
                 results["bare aiohttp loop"].append(
                     child([PYTHON, "-c", BARE, url, str(args.rows), str(args.concurrency)]))
-                results["batch run (full pipeline)"].append(
-                    child([PYTHON, "-m", "batch", "run", str(job), "--quiet", "--fresh"]))
+                results["batch run (full pipeline)"].append(child(run))
+                if args.cache:
+                    for suffix in ("", "-wal", "-shm"):
+                        Path(f"{cache_file}{suffix}").unlink(missing_ok=True)
+                    results.setdefault("cache read-write, all miss", []).append(child(run + ["--cache", "read-write"]))
+                    results.setdefault("cache read-write, all hit", []).append(child(run + ["--cache", "read-write"]))
+                    results.setdefault("cache replay, all hit", []).append(child(run + ["--cache", "replay"]))
+            if args.cache:
+                lookups = lookup_rate(cache_file)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"rows={args.rows} concurrency={args.concurrency} flush_rows={args.flush_rows} "
@@ -86,6 +104,28 @@ def main() -> None:
         print(f"{name:28} {best[name][0]:9.0f} {best[name][1]:14.3f}")
     b, p = best["bare aiohttp loop"], best["batch run (full pipeline)"]
     print(f"{'ratio batch/bare':28} {p[0] / b[0]:9.2f} {p[1] / b[1]:14.2f}")
+    if lookups is not None:
+        print(f"cache lookups/s on the {args.rows}-entry file (one connection, in-process): "
+              f"{lookups[0]:,.0f} hits, {lookups[1]:,.0f} misses")
+
+
+def lookup_rate(path: Path, n: int = 50_000) -> tuple[float, float]:
+    """ResponseCache.get per second for stored keys and for absent ones."""
+    import sqlite3
+
+    from batch.cache import ResponseCache
+
+    keys = [k for (k,) in sqlite3.connect(path).execute("SELECT key FROM responses")]
+    random.shuffle(keys)
+    cache = ResponseCache(path, "replay")
+    rates = []
+    for sample in ((keys * (n // len(keys) + 1))[:n], [os.urandom(20) for _ in range(n)]):
+        t0 = time.perf_counter()
+        for k in sample:
+            cache.get(k)
+        rates.append(n / (time.perf_counter() - t0))
+    cache.close()
+    return rates[0], rates[1]
 
 
 if __name__ == "__main__":

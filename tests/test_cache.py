@@ -54,6 +54,8 @@ class TestReadWrite:
         stats = pd.read_parquet(tmp_path / "second" / "stats.parquet")
         assert stats["cache_hits"].sum() == 1000 and stats["requests"].sum() == 0 and stats["cost_usd"].sum() == 0
         assert '"cache_hits": 1000' in proc.stdout
+        wal = tmp_path / "cache.sqlite3-wal"
+        assert not wal.exists() or wal.stat().st_size == 0  # checkpointed at close: the .sqlite3 file is complete
 
     def test_nondeterministic_requests_are_sent_again_unless_the_job_says_so(self, tmp_path: Path,
                                                                             sim: SimThread) -> None:
