@@ -25,9 +25,12 @@ class ModelFacts:
     context_window: int
     price_input_per_million: float
     price_output_per_million: float
+    response_formats: tuple[str, ...] = ("json_schema", "json_object")  # what response_format accepts
 
 
-_GPT35 = ModelFacts(context_window=16_385, price_input_per_million=0.50, price_output_per_million=1.50)
+# gpt-3.5-turbo has JSON mode but not structured outputs (json_schema is a 400 there)
+_GPT35 = ModelFacts(context_window=16_385, price_input_per_million=0.50, price_output_per_million=1.50,
+                    response_formats=("json_object",))
 
 KNOWN_MODELS: dict[str, ModelFacts] = {
     "openai/gpt-3.5-turbo": _GPT35,

@@ -194,8 +194,10 @@ def format_summary(s: Summary) -> str:
         if not x.requests:
             continue
         errors = ", ".join(f"{k} {v}" for k, v in sorted(x.errors.items())) or "none"
+        checked = (f", invalid answers {x.invalid_outputs}, repairs {x.repairs}"
+                   if x.invalid_outputs or x.repairs else "")
         lines.append(f"  {provider}:{model}: {x.requests} requests, {x.ok} ok, retries {x.retries}, "
-                     f"rate-limited {x.rate_limited}, errors: {errors}, ${x.cost_usd:.6f}, "
+                     f"rate-limited {x.rate_limited}, errors: {errors}{checked}, ${x.cost_usd:.6f}, "
                      f"p50 {x.latency_p50_ms} ms, p95 {x.latency_p95_ms} ms")
     return "\n".join(lines)
 
@@ -247,7 +249,7 @@ def _stats(args: argparse.Namespace) -> int:
     for r in runs:
         r["errors_by_type"] = dict(r["errors_by_type"] or [])
     sums = ("requests", "ok", "errors", "retries", "rate_limited", "fallbacks_in", "prompt_tokens",
-            "completion_tokens", "cost_usd", "charged_failures", "cache_hits")
+            "completion_tokens", "cost_usd", "charged_failures", "cache_hits", "repairs", "invalid_outputs")
     models: dict[str, dict[str, float]] = {}
     for r in runs:
         m = models.setdefault(f"{r['provider']}:{r['model']}", dict.fromkeys(sums, 0))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import gzip
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from batch.answers import NORMALIZERS, make_checker, schema_problems
 from batch.catalog import BUILTIN_PROVIDERS, SIM_FAULTS
 from batch.errors import JobError
 
@@ -98,6 +100,20 @@ class RunSpec:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OutputFormatSpec:
+    """``[output_format]``: what a valid answer is (batch/answers.py checks it)."""
+
+    kind: str  # "labels" | "json_schema" | "regex"
+    labels: tuple[str, ...] = ()
+    normalize: tuple[str, ...] = ("strip", "casefold")
+    json_schema: Mapping[str, Any] | None = None
+    regex: str | None = None
+    max_repairs: int = 2  # per model: ask again with the error, then fall back
+    response_format: str = "auto"  # "auto" | "json_schema" | "json_object" | "none"
+    instruct: bool = True  # json_schema: add the schema to the system prompt
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SimSpec:
     """Knobs of the embedded simulator (provider ``sim``); see batch/sim.py."""
 
@@ -114,6 +130,7 @@ class Job:
     providers: Mapping[str, ProviderSpec]
     run: RunSpec
     sim: SimSpec
+    output_format: OutputFormatSpec | None = None
 
     def provider_of(self, model: ModelSpec) -> ProviderSpec:
         return self.providers[model.provider]
@@ -414,6 +431,7 @@ SIM_KEYS: dict[str, type] = {
     "window_seconds": float,
     "rate_limit_style": str,
     "report_cost": bool,
+    "invalid_answers": float,
 }
 
 
@@ -434,7 +452,69 @@ def _sim(raw: dict[str, Any], p: _Problems) -> SimSpec:
     return SimSpec(options=options)
 
 
-_TOP_KEYS = ("input", "output", "request", "models", "providers", "run", "sim")
+_FORMAT_KEYS = ("labels", "normalize", "json_schema", "json_schema_file", "regex", "max_repairs",
+                "response_format", "instruct")
+RESPONSE_FORMATS = ("auto", "json_schema", "json_object", "none")
+
+
+def _output_format(raw: dict[str, Any], base: Path, p: _Problems) -> OutputFormatSpec | None:
+    if not raw:
+        return None
+    w = "output_format."
+    _check_keys(raw, _FORMAT_KEYS, w, p)
+    given = [k for k in ("labels", "json_schema", "json_schema_file", "regex") if k in raw]
+    if len(given) != 1:
+        p.add("output_format", "set exactly one of labels (a list), json_schema (a table), json_schema_file "
+              f"(a path) or regex (a string); got {', '.join(given) or 'none'}")
+        return None
+    kind = "json_schema" if given[0] == "json_schema_file" else given[0]
+    labels = tuple(_get(raw, "labels", list, w, p, []))
+    normalize = tuple(_get(raw, "normalize", list, w, p, ["strip", "casefold"]))
+    for step in normalize:
+        if step not in NORMALIZERS:
+            close = difflib.get_close_matches(step, list(NORMALIZERS), n=1)
+            p.add(w + "normalize", f"unknown step {step!r}{'; did you mean ' + repr(close[0]) + '?' if close else ''}"
+                  f" (steps: {', '.join(NORMALIZERS)})")
+            normalize = ("strip", "casefold")
+    if kind == "labels" and not labels and "labels" in raw:
+        p.add(w + "labels", "expected a non-empty list of strings")
+    if kind == "labels" and labels:
+        checker = make_checker("labels", labels=labels, normalize=normalize)
+        if len(checker.labels) < len(labels):
+            p.add(w + "labels", f"two labels are the same after normalize {list(normalize)}: {list(labels)}")
+    schema = raw.get("json_schema")
+    if "json_schema_file" in raw:
+        name = _get(raw, "json_schema_file", str, w, p)
+        if name is not None:
+            path = (base / name).resolve()
+            try:
+                schema = orjson.loads(path.read_bytes())
+            except OSError as exc:
+                p.add(w + "json_schema_file", f"cannot read {path}: {exc.strerror or exc}")
+            except orjson.JSONDecodeError as exc:
+                p.add(w + "json_schema_file", f"{path} is not valid JSON: {exc}")
+    if kind == "json_schema" and schema is not None:
+        for problem in schema_problems(schema, w + "json_schema"):
+            p.add(problem.split(":", 1)[0], problem.split(":", 1)[1].strip())
+    regex = _get(raw, "regex", str, w, p)
+    if regex is not None:
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            p.add(w + "regex", f"not a valid regular expression: {exc}")
+    mode = _get(raw, "response_format", str, w, p, "auto")
+    if mode not in RESPONSE_FORMATS:
+        p.add(w + "response_format", f"expected one of {', '.join(RESPONSE_FORMATS)}, got {mode!r}")
+    elif mode in ("json_schema", "json_object") and kind != "json_schema":
+        p.add(w + "response_format", f"{mode!r} needs a json_schema; labels and regex are checked after")
+    return OutputFormatSpec(
+        kind=kind, labels=labels, normalize=normalize, json_schema=schema if isinstance(schema, dict) else None,
+        regex=regex, max_repairs=_get(raw, "max_repairs", int, w, p, 2, positive=False),
+        response_format=mode, instruct=_get(raw, "instruct", bool, w, p, True),
+    )
+
+
+_TOP_KEYS = ("input", "output", "request", "models", "providers", "run", "sim", "output_format")
 
 
 def parse_job(data: Mapping[str, Any], source: Path) -> Job:
@@ -452,10 +532,15 @@ def parse_job(data: Mapping[str, Any], source: Path) -> Job:
     providers = _providers(data, models, p)
     run = _run(_table(data, "run", p), base, p)
     sim = _sim(_table(data, "sim", p), p)
+    output_format = _output_format(_table(data, "output_format", p), base, p)
+    if (output_format is not None and output_format.kind == "json_schema"
+            and output_format.response_format != "none" and "response_format" in request):
+        p.add("request.response_format", "set by [output_format]; remove one of them "
+              "(or set output_format.response_format = \"none\")")
     p.raise_if_any()
     assert inp is not None and out is not None
     return Job(source=source, input=inp, output=out, request=request, models=models,
-               providers=providers, run=run, sim=sim)
+               providers=providers, run=run, sim=sim, output_format=output_format)
 
 
 def load_job(path: str | Path) -> Job:

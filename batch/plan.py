@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batch.answers import schema_instruction
 from batch.errors import InputError
 from batch.job import Job
 from batch.prompts import PromptBuilder
@@ -49,8 +50,12 @@ class Plan:
 def make_plan(job: Job, counter: TokenCounter = HEURISTIC) -> Plan:
     inp = job.input
     chain = "|".join(f"{m.provider}:{m.model}" for m in job.models)
+    system = inp.system
+    fmt = job.output_format
+    if fmt is not None and fmt.json_schema is not None and fmt.instruct:
+        system = "\n\n".join(filter(None, [system, schema_instruction(fmt.json_schema)]))
     builder = PromptBuilder(
-        template=inp.template, messages_column=inp.messages_column, system=inp.system,
+        template=inp.template, messages_column=inp.messages_column, system=system,
         id_column=inp.id_column, keep_columns=inp.keep_columns, request_fields=job.request, chain_key=chain,
         counter=counter, batch_file=inp.format == "openai-batch", keep_body_model=inp.body_model == "keep",
         cache_all=job.run.cache_nondeterministic,
@@ -231,6 +236,10 @@ def fingerprint(job: Job) -> dict[str, Any]:
         fp["body_model"] = job.input.body_model
     if job.output.raw_response:
         fp["raw_response"] = True
+    if (fmt := job.output_format) is not None:  # response_format and repairs change answers
+        fp["output_format"] = {"kind": fmt.kind, "labels": list(fmt.labels), "normalize": list(fmt.normalize),
+                               "json_schema": fmt.json_schema, "regex": fmt.regex, "max_repairs": fmt.max_repairs,
+                               "response_format": fmt.response_format, "instruct": fmt.instruct}
     return fp
 
 

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import aiohttp
 import orjson
 
+from batch.answers import Checker
 from batch.cache import ResponseCache, cache_key
 from batch.errors import FallbackError, FatalError, ProviderError, RateLimited, RejectedError, TransientError
 from batch.limits import ModelLimiter
@@ -56,6 +57,7 @@ class Result(NamedTuple):
     id: str
     status: str  # "ok" | "error"
     output: str | None
+    parsed: Any  # the checked answer ([output_format]): a label, a dict for a struct, a regex capture
     finish_reason: str | None
     model: str | None
     provider: str | None
@@ -156,11 +158,15 @@ class Target:
         return None, None
 
 
-def model_prefix(model: str, server_fallback: Sequence[str] = ()) -> bytes:
-    """The start of a body for ``model``; ``server_fallback`` adds OpenRouter's ``models`` list."""
+def model_prefix(model: str, server_fallback: Sequence[str] = (),
+                 response_format: Mapping[str, Any] | None = None) -> bytes:
+    """The start of a body for ``model``; ``server_fallback`` adds OpenRouter's ``models`` list,
+    ``response_format`` this model's structured-output request ([output_format])."""
     prefix = b'{"model":' + orjson.dumps(model) + b","
     if server_fallback:
         prefix += b'"models":' + orjson.dumps([model, *server_fallback]) + b","
+    if response_format is not None:
+        prefix += b'"response_format":' + orjson.dumps(response_format) + b","
     return prefix
 
 
@@ -207,13 +213,15 @@ class Budget:
 
 
 class _Row:
-    """What one row has spent so far across attempts and models."""
+    """What one row has spent so far across attempts and models, and its last checked answer."""
 
-    __slots__ = ("sent", "charged")
+    __slots__ = ("sent", "charged", "parsed", "invalid_answer")
 
     def __init__(self) -> None:
         self.sent = 0
         self.charged = 0.0
+        self.parsed: Any = None
+        self.invalid_answer: str | None = None  # kept on the error row when no valid answer came
 
 
 class Router:
@@ -224,7 +232,8 @@ class Router:
     def __init__(self, session: aiohttp.ClientSession, targets: Sequence[Target], policy: Policy,
                  on_fatal: Callable[[FatalError], None], budget: Budget | None = None,
                  on_budget: Callable[[], None] = lambda: None, *, cache: ResponseCache | None = None,
-                 row_chains: Mapping[str, Sequence[Target]] | None = None) -> None:
+                 row_chains: Mapping[str, Sequence[Target]] | None = None, checker: Checker | None = None,
+                 max_repairs: int = 0) -> None:
         self.session = session
         self.budget = budget or Budget(None)
         self.on_budget = on_budget
@@ -233,6 +242,8 @@ class Router:
         # OpenAI Batch lines with their own body.model (body_model = "keep") start at that model
         self.row_chains = {m: list(chain)[:width] for m, chain in (row_chains or {}).items()}
         self.cache = cache
+        self.checker = checker
+        self.max_repairs = max_repairs
         self.policy = policy
         self.on_fatal = on_fatal
         self.stopping = False
@@ -265,7 +276,8 @@ class Router:
                 return self._ok(req, t, reply, row, level, chain)
         assert last is not None
         return error_result(req, last.kind, str(last), attempts=row.sent, level=final, model=last.model,
-                            charged=row.charged)
+                            charged=row.charged,
+                            output=row.invalid_answer if last.kind == "invalid_output" else None)
 
     def _from_cache(self, req: Request, chain: Sequence[Target], cache: ResponseCache) -> Result | None:
         """The first model of the chain whose answer to this exact request is stored."""
@@ -280,9 +292,14 @@ class Router:
                 continue  # stored by another version or damaged: as if absent
             if self.policy.length_is_failure and reply.finish_reason == "length" and level < final:
                 continue
+            parsed = None
+            if self.checker is not None:
+                parsed, problem = self.checker.check(reply.text)
+                if problem is not None:
+                    continue  # stored by a job with another output_format: not an answer for this one
             cache.hits += 1
             t.stats.cache_hits += 1
-            return Result(req.id, "ok", reply.text, reply.finish_reason, reply.model, t.provider, level, 0,
+            return Result(req.id, "ok", reply.text, parsed, reply.finish_reason, reply.model, t.provider, level, 0,
                           reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens,
                           reply.reasoning_tokens, 0.0, "cache", None, None, None, req.request_hash, True,
                           raw if self.policy.keep_response_body else None, req.keep)
@@ -297,8 +314,9 @@ class Router:
         (success, failure, or release for outcomes that say nothing of health).
         """
         p = self.policy
-        tries = waits = 0
+        tries = waits = repairs = 0
         body = req.body_for(t.prefix)
+        conversation: dict[str, Any] | None = None  # the request as a dict, once a repair needs it
         while tries < p.max_attempts:
             self._check_stop()
             if p.spill_on_rate_limit and not is_last and t.limiter.paused:
@@ -352,7 +370,25 @@ class Router:
                 e = FallbackError("answer cut at max_tokens", model=t.model, kind="truncated")
                 self._failed(t, e, row, reply)
                 return None, e
-            return reply, last
+            if self.checker is None:
+                return reply, last
+            row.parsed, problem = self.checker.check(reply.text)
+            if problem is None:
+                return reply, last
+            t.stats.invalid_outputs += 1
+            row.invalid_answer = reply.text
+            if repairs >= self.max_repairs:
+                e = FallbackError(f"invalid output after {repairs} repairs: {problem}", model=t.model,
+                                  kind="invalid_output")
+                self._failed(t, e, row, reply)
+                return None, e
+            repairs += 1
+            t.stats.repairs += 1
+            self._charge(t, row, reply)  # an invalid answer is billed like any other
+            if conversation is None:
+                conversation = orjson.loads(b"{" + req.tail)
+            conversation["messages"] = [*conversation["messages"], *self.checker.repair_messages(reply.text, problem)]
+            body = t.prefix + orjson.dumps(conversation)[1:]
         return None, last
 
     async def _send(self, req: Request, t: Target, body: bytes, row: _Row) -> Reply:
@@ -406,13 +442,21 @@ class Router:
     def _failed(self, t: Target, e: ProviderError, row: _Row, reply: Reply | None = None) -> None:
         t.stats.errors[e.kind] += 1
         self.failures_since_success += 1
-        charged = e.charged_usd
         if reply is not None:
-            charged = t.cost_of(reply)[0]
-        if charged:
-            row.charged += charged
-            t.stats.cost_usd += charged
-            t.stats.charged_failures += 1
+            self._charge(t, row, reply)
+        elif e.charged_usd:
+            self._add_charge(t, row, e.charged_usd)
+
+    def _charge(self, t: Target, row: _Row, reply: Reply) -> None:
+        """A reply that will not be the row's answer was still billed: count it on the row and in stats."""
+        if charged := t.cost_of(reply)[0]:
+            self._add_charge(t, row, charged)
+
+    @staticmethod
+    def _add_charge(t: Target, row: _Row, charged: float) -> None:
+        row.charged += charged
+        t.stats.cost_usd += charged
+        t.stats.charged_failures += 1
 
     def _backoff(self, retry: int, retry_after: float | None = None) -> float:
         """Full jitter, capped; exactly the provider's wish when it stated one."""
@@ -437,7 +481,7 @@ class Router:
         s.latencies.append(reply.latency_ms)
         if reply.model != t.model:  # OpenRouter's own fallback (server_fallback) answered
             level = next((j for j, x in enumerate(chain) if x.model == reply.model), level)
-        return Result(req.id, "ok", reply.text, reply.finish_reason, reply.model, t.provider, level,
+        return Result(req.id, "ok", reply.text, row.parsed, reply.finish_reason, reply.model, t.provider, level,
                       row.sent, reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens,
                       reply.reasoning_tokens, cost, source,
                       round(reply.latency_ms, 3), None, None, req.request_hash, False,
@@ -454,7 +498,7 @@ def _miss_message(req: Request, cache: ResponseCache) -> str:
 
 
 def error_result(req: Request, kind: str, message: str, *, attempts: int, level: int | None = None,
-                 model: str | None = None, charged: float = 0.0) -> Result:
-    return Result(req.id, "error", None, None, model or None, None, level, attempts, None, None, None, None,
+                 model: str | None = None, charged: float = 0.0, output: str | None = None) -> Result:
+    return Result(req.id, "error", output, None, None, model or None, None, level, attempts, None, None, None, None,
                   charged or None, "provider" if charged else None, None, kind, message, req.request_hash,
                   False, None, req.keep)

@@ -31,7 +31,8 @@ import aiohttp
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batch.catalog import SIM_BASE_URL, prices_for
+from batch.answers import Checker, make_checker, resolve_response_format, response_format
+from batch.catalog import SIM_BASE_URL, facts_for, prices_for
 from batch.errors import FatalError, InputError, OutputError, ProviderError
 from batch.cache import ResponseCache, default_cache_path
 from batch.job import Job, ModelSpec
@@ -139,8 +140,15 @@ def _targets(job: Job, sim_url: str | None, body_models: Iterable[str] = ()
             endpoints[m.provider] = make_endpoint(spec.name, base, spec.api_key_env, spec.headers,
                                                   require_key=require_key)
         p_in, p_out = prices_for(m.model, m.price_input_per_million, m.price_output_per_million)
+        fmt = job.output_format
+        rf = None
+        if fmt is not None and fmt.json_schema is not None:
+            facts = facts_for(m.model)
+            mode = resolve_response_format(fmt.response_format, fmt.kind, facts.response_formats if facts else None)
+            rf = response_format(fmt.json_schema, mode)
         return Target(
-            level=level, model=m.model, provider=m.provider, prefix=model_prefix(m.model, server_fallback),
+            level=level, model=m.model, provider=m.provider,
+            prefix=model_prefix(m.model, server_fallback, rf),
             cache_salt=spec.base_url.encode() + b"\0",
             endpoint=endpoints[m.provider], limiter=ModelLimiter(m.requests_per_minute, m.tokens_per_minute),
             breaker=Breaker(job.run.breaker_failures, job.run.breaker_cooldown_seconds),
@@ -290,7 +298,9 @@ async def _send_all(job: Job, plan: Plan, body_models: Iterable[str], done_mask:
             stop.request(f"budget reached: max_cost_usd ${job.run.max_cost_usd} would be passed by the next "
                          "request. Raise max_cost_usd and rerun to resume.")
 
-        schema = result_schema(plan.keep_types, raw_response=job.output.raw_response)
+        checker = _checker(job)
+        schema = result_schema(plan.keep_types, raw_response=job.output.raw_response,
+                               parsed=checker.parsed_type if checker else None)
         async with open_session(job.run.concurrency) as session, Sink(
             out, schema, flush_rows=job.output.flush_rows, flush_seconds=job.output.flush_seconds,
         ) as sink:
@@ -305,13 +315,22 @@ async def _send_all(job: Job, plan: Plan, body_models: Iterable[str], done_mask:
                 await _check_models(job, session, targets, progress)
             budget = Budget(job.run.max_cost_usd, spent=previous_cost(out))
             router = Router(session, targets[:len(job.models)], policy, on_fatal, budget, on_budget,
-                            cache=cache, row_chains=row_chains)
+                            cache=cache, row_chains=row_chains, checker=checker,
+                            max_repairs=job.output_format.max_repairs if job.output_format else 0)
             await _pump(job, plan, done_mask, options, router, sink, stop, tally, progress, targets)
             await sink.drain()
             if sink.error is not None:
                 stop.request(str(sink.error))
         progress.close(tally)
     return targets
+
+
+def _checker(job: Job) -> Checker | None:
+    fmt = job.output_format
+    if fmt is None:
+        return None
+    return make_checker(fmt.kind, labels=fmt.labels, normalize=fmt.normalize, schema=fmt.json_schema,
+                        regex=fmt.regex)
 
 
 def _finish_output(out: Path, run_id: str, manifest: dict[str, object], entry: dict[str, object],

@@ -8,6 +8,12 @@ It imitates what batch meets on the wire from OpenRouter and OpenAI, on
   as ``(a/b/c)`` it picks one by a hash of the message, else it answers
   ``"sim <hash> <first words>"``. ``max_tokens`` truncates the answer and sets
   ``finish_reason: "length"``.
+- Structured answers: with ``response_format`` ``json_schema`` (or a message
+  that says ``JSON schema: {...}``, as batch's [output_format] instruction
+  does) it answers a JSON instance of the schema, its values derived from the
+  prompt; with ``json_object`` alone, ``{"answer": ...}``. ``invalid_answers``
+  makes that share of answers invalid (a label outside the choices, broken
+  JSON), so repair paths can be exercised.
 - ``usage`` counts tokens with a stand-in tokenizer (words split into pieces
   of at most eight characters, each punctuation mark one token, plus OpenAI's
   per-message framing: 4 per message, 3 for the reply). On the demo reviews
@@ -84,6 +90,8 @@ class SimConfig:
             ``window_seconds`` (tokens = prompt + completion, as usage reports them);
             requests refused with 429 do not count.
         report_cost: include ``usage.cost`` as OpenRouter does (False: as OpenAI, tokens only).
+        invalid_answers: probability that an answer is invalid for its format: "unsure" instead of
+            one of the offered (a/b/c) choices, or JSON cut short. Drawn per (seed, prompt, nth request).
         rate_limit_style: "openai" (x-ratelimit-* headers on every response, the limit
             stated in 429 messages), "openrouter" (no headers on success; 429s carry
             X-RateLimit-* and Retry-After) or "bare" (429 with Retry-After only).
@@ -107,6 +115,7 @@ class SimConfig:
     window_seconds: float = 60.0
     rate_limit_style: str = "openai"
     report_cost: bool = True
+    invalid_answers: float = 0.0
 
     def __post_init__(self) -> None:
         for kind in self.faults:
@@ -143,6 +152,7 @@ class SimCounters:
     peak_offered_window: int = 0  # most requests *received* (admitted or refused) in any window
     admissions: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens); only with record_times
     refusals: list[float] = field(default_factory=list)  # times of limit 429s; only with record_times
+    invalid_answers: int = 0  # answers made invalid on purpose (invalid_answers)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-able snapshot (``GET /_sim/stats``)."""
@@ -153,7 +163,7 @@ class SimCounters:
             "peak_in_flight": self.peak_in_flight, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "peak_requests_window": self.peak_requests_window,
             "peak_tokens_window": self.peak_tokens_window, "peak_offered_window": self.peak_offered_window,
-            "admissions": self.admissions, "refusals": self.refusals,
+            "admissions": self.admissions, "refusals": self.refusals, "invalid_answers": self.invalid_answers,
         }
 
 
@@ -200,11 +210,21 @@ def count_tokens(text: str) -> int:
     return len(_TOKEN_RE.findall(text))
 
 
+def _conversation(messages: list[dict[str, Any]]) -> str:
+    """Every non-system message's text: a plain prompt is its one user message; a repair
+    conversation (answer, then a correction) differs per row even when the correction does not."""
+    texts = []
+    for m in messages:
+        if m.get("role") == "system":
+            continue
+        content = m.get("content")
+        texts.append(content if isinstance(content, str) else orjson.dumps(content).decode())
+    return "\x1e".join(texts)
+
+
 def prompt_key(messages: list[dict[str, Any]]) -> str:
-    """The key under which the simulator counts a prompt: its last message."""
-    content = messages[-1].get("content") if messages else ""
-    text = content if isinstance(content, str) else orjson.dumps(content).decode()
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    """The key under which the simulator counts a prompt: its conversation without system messages."""
+    return hashlib.blake2b(_conversation(messages).encode(), digest_size=8).hexdigest()
 
 
 def answer_for(messages: list[dict[str, Any]]) -> str:
@@ -214,13 +234,70 @@ def answer_for(messages: list[dict[str, Any]]) -> str:
         if m.get("role") == "user" and isinstance(m.get("content"), str):
             last = m["content"]
             break
-    digest = hashlib.blake2b(last.encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(_conversation(messages).encode(), digest_size=8).digest()
     choices = _CHOICES_RE.search(last)
     if choices:
         options = choices.group(1).split("/")
         return options[int.from_bytes(digest[:4], "big") % len(options)]
     words = " ".join(last.split()[:6])
     return f"sim {digest.hex()[:8]} {words}".strip()
+
+
+_SCHEMA_MARK = "JSON schema:"
+
+
+def structured_answer(messages: list[dict[str, Any]], body: Mapping[str, Any]) -> str | None:
+    """The JSON answer when the request asks for one (see the module docstring), else None."""
+    fmt = body.get("response_format") if isinstance(body.get("response_format"), dict) else {}
+    schema = (fmt.get("json_schema") or {}).get("schema") if fmt.get("type") == "json_schema" else None
+    if schema is None:
+        for m in messages:
+            content = m.get("content")
+            if isinstance(content, str) and _SCHEMA_MARK in content:
+                with contextlib.suppress(orjson.JSONDecodeError, ValueError):
+                    text = content.split(_SCHEMA_MARK, 1)[1]
+                    schema = orjson.loads(text[text.index("{"):text.rindex("}") + 1])
+    last = next((m["content"] for m in reversed(messages)
+                 if m.get("role") == "user" and isinstance(m.get("content"), str)), "")
+    if isinstance(schema, dict):
+        return orjson.dumps(instance_of(schema, last, "$")).decode()
+    if fmt.get("type") == "json_object":
+        return orjson.dumps({"answer": answer_for(messages)}).decode()
+    return None
+
+
+def instance_of(schema: Mapping[str, Any], prompt: str, path: str) -> Any:
+    """A deterministic value that follows ``schema``, drawn from a hash of the prompt and the path."""
+    h = int.from_bytes(hashlib.blake2b(f"{path}:{prompt}".encode(), digest_size=8).digest(), "big")
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return schema["enum"][h % len(schema["enum"])]
+    t = schema.get("type")
+    t = t[0] if isinstance(t, list) else t
+    if t == "object":
+        return {k: instance_of(sub, prompt, f"{path}.{k}") for k, sub in (schema.get("properties") or {}).items()}
+    if t == "array":
+        n = max(schema.get("minItems", 1), min(schema.get("maxItems", 3), 1 + h % 3))
+        return [instance_of(schema.get("items") or {"type": "string"}, prompt, f"{path}[{i}]") for i in range(n)]
+    if t in ("integer", "number"):
+        lo = schema.get("minimum", 0)
+        hi = schema.get("maximum", lo + 100)
+        value = lo + h % (int(hi - lo) + 1)
+        return value if t == "integer" else float(value)
+    if t == "boolean":
+        return bool(h & 1)
+    if t == "null":
+        return None
+    words = prompt.split() or ["sim"]
+    return words[h % len(words)].strip(".,!?;:\"'()")[: schema.get("maxLength", 40)] or "sim"
+
+
+def invalid_version(answer: str) -> str:
+    """What a model that ignores the format answers instead: prose, or JSON cut short."""
+    if answer.lstrip().startswith(("{", "[")):
+        return answer[: max(1, len(answer) // 2)]
+    return "unsure"
 
 
 def truncate(text: str, max_tokens: int | None) -> tuple[str, str]:
@@ -482,7 +559,11 @@ class Simulator(_Faults):
         if fault is not None:
             c.faults[fault] += 1
             return await self._inject(fault, arg, request, model, messages)
-        text, finish = truncate(answer_for(messages), body.get("max_tokens"))
+        answer = structured_answer(messages, body) or answer_for(messages)
+        if cfg.invalid_answers and _fault_draw(cfg.seed + 1, key, nth) < cfg.invalid_answers:
+            c.invalid_answers += 1
+            answer = invalid_version(answer)
+        text, finish = truncate(answer, body.get("max_tokens"))
         usage = usage_for(messages, text, model)
         if not cfg.report_cost:
             del usage["cost"]

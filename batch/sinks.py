@@ -44,8 +44,15 @@ BASE_FIELDS: list[tuple[str, pa.DataType]] = [
 RESPONSE_BODY = ("response_body", pa.string())  # only with output.raw_response
 
 
-def result_schema(keep: Sequence[tuple[str, pa.DataType]], *, raw_response: bool = False) -> pa.Schema:
-    base = BASE_FIELDS + ([RESPONSE_BODY] if raw_response else [])
+def result_schema(keep: Sequence[tuple[str, pa.DataType]], *, raw_response: bool = False,
+                  parsed: pa.DataType | None = None) -> pa.Schema:
+    """The results' columns: BASE_FIELDS, ``parsed`` after ``output`` when the job has an
+    [output_format], ``response_body`` with output.raw_response, then the kept input columns."""
+    base = list(BASE_FIELDS)
+    if parsed is not None:
+        base.insert(3, ("parsed", parsed))
+    if raw_response:
+        base.append(RESPONSE_BODY)
     names = set(Result._fields)  # a kept column never takes the name of a result column
     extra = [(f"input_{n}" if n in names else n, t) for n, t in keep]
     return pa.schema(base + extra)

@@ -26,7 +26,8 @@ class ModelStats:
     """Mutable counters for one model during one run."""
 
     __slots__ = ("label", "requests", "ok", "errors", "retries", "rate_limited", "fallbacks_in",
-                 "prompt_tokens", "completion_tokens", "cost_usd", "charged_failures", "latencies", "cache_hits")
+                 "prompt_tokens", "completion_tokens", "cost_usd", "charged_failures", "latencies", "cache_hits",
+                 "repairs", "invalid_outputs")
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -42,6 +43,8 @@ class ModelStats:
         self.charged_failures = 0
         self.latencies = array("d")  # 8 bytes per answered request
         self.cache_hits = 0  # rows answered from the response cache (not requests: nothing was sent)
+        self.repairs = 0  # requests that asked again after an invalid answer ([output_format])
+        self.invalid_outputs = 0  # answers that failed the output_format check
 
     def freeze(self, wall_seconds: float) -> Usage:
         lat = sorted(self.latencies)
@@ -50,6 +53,7 @@ class ModelStats:
             rate_limited=self.rate_limited, fallbacks_in=self.fallbacks_in,
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
             cost_usd=self.cost_usd, charged_failures=self.charged_failures, cache_hits=self.cache_hits,
+            repairs=self.repairs, invalid_outputs=self.invalid_outputs,
             latency_p50_ms=_pct(lat, 50), latency_p95_ms=_pct(lat, 95), latency_p99_ms=_pct(lat, 99),
             wall_seconds=wall_seconds,
         )
@@ -77,6 +81,8 @@ class Usage:
     cost_usd: float = 0.0
     charged_failures: int = 0
     cache_hits: int = 0
+    repairs: int = 0
+    invalid_outputs: int = 0
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
     latency_p99_ms: float | None = None
@@ -92,7 +98,8 @@ class Usage:
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             cost_usd=self.cost_usd + other.cost_usd, charged_failures=self.charged_failures + other.charged_failures,
-            cache_hits=self.cache_hits + other.cache_hits,
+            cache_hits=self.cache_hits + other.cache_hits, repairs=self.repairs + other.repairs,
+            invalid_outputs=self.invalid_outputs + other.invalid_outputs,
             wall_seconds=max(self.wall_seconds, other.wall_seconds),
         )
 
@@ -115,7 +122,7 @@ STATS_SCHEMA = pa.schema([
     ("charged_failures", pa.int64()),
     ("latency_p50_ms", pa.float64()), ("latency_p95_ms", pa.float64()), ("latency_p99_ms", pa.float64()),
     ("wall_seconds", pa.float64()), ("requests_per_minute", pa.float64()), ("tokens_per_minute", pa.float64()),
-    ("cache_hits", pa.int64()),
+    ("cache_hits", pa.int64()), ("repairs", pa.int64()), ("invalid_outputs", pa.int64()),
 ])
 
 
@@ -132,7 +139,7 @@ def stats_rows(run_id: str, per_model: dict[tuple[str, str], Usage]) -> list[dic
             "latency_p50_ms": u.latency_p50_ms, "latency_p95_ms": u.latency_p95_ms,
             "latency_p99_ms": u.latency_p99_ms, "wall_seconds": u.wall_seconds,
             "requests_per_minute": u.requests_per_minute, "tokens_per_minute": u.tokens_per_minute,
-            "cache_hits": u.cache_hits,
+            "cache_hits": u.cache_hits, "repairs": u.repairs, "invalid_outputs": u.invalid_outputs,
         })
     return rows
 

@@ -81,6 +81,7 @@ def write_job(
     sim: dict[str, Any] | None = None,
     api_key_env: str | None = None,
     name: str = "job.toml",
+    extra: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """A job file whose provider 'local' points at ``base_url`` (a test's simulator)."""
     sections: list[str] = []
@@ -102,6 +103,8 @@ def write_job(
     table("run", {"concurrency": 16, "backoff_base_seconds": 0.01, "backoff_max_seconds": 0.2, **(run or {})})
     if sim:
         table("sim", sim)
+    for header, values in (extra or {}).items():
+        table(header, values)
     path = tmp / name
     path.write_text("\n".join(sections))
     return path
