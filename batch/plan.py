@@ -59,6 +59,9 @@ def make_plan(job: Job, counter: TokenCounter = HEURISTIC) -> Plan:
         id_column=inp.id_column, keep_columns=inp.keep_columns, request_fields=job.request, chain_key=chain,
         counter=counter, batch_file=inp.format == "openai-batch", keep_body_model=inp.body_model == "keep",
         cache_all=job.run.cache_nondeterministic,
+        # [output_format] sends its own response_format with each model: a Batch line's would be a duplicate key
+        drop_body_fields=("response_format",) if fmt is not None and fmt.kind == "json_schema"
+        and fmt.response_format != "none" else (),
     )
     return Plan(job, builder, _keep_types(job), count_rows(inp.path, inp.format))
 

@@ -107,6 +107,7 @@ class PromptBuilder:
         batch_file: bool = False,
         keep_body_model: bool = False,
         cache_all: bool = False,
+        drop_body_fields: Sequence[str] = (),
     ) -> None:
         self.count_tokens = counter.count
         self.template = Template.compile(template) if template is not None else None
@@ -115,6 +116,7 @@ class PromptBuilder:
         self.batch_file = batch_file
         self.keep_body_model = keep_body_model
         self.cache_all = cache_all
+        self._set_by_batch = (*_BODY_SET_BY_BATCH, *drop_body_fields)  # Batch-line fields batch replaces
         self.id_column = "custom_id" if batch_file else id_column
         self.keep_columns = tuple(keep_columns)
         self.request_fields = dict(request_fields)
@@ -200,7 +202,7 @@ class PromptBuilder:
                 continue
             if sys_msg is not None and messages[0].get("role") != "system":
                 messages.insert(0, sys_msg)
-            fields = {**defaults, **{k: v for k, v in body.items() if k not in _BODY_SET_BY_BATCH}}
+            fields = {**defaults, **{k: v for k, v in body.items() if k not in self._set_by_batch}}
             tail = orjson.dumps({"messages": messages, **fields})[1:]
             key = self._chain_key + (model.encode() if model is not None else b"")
             digest = hashlib.blake2b(key + tail, digest_size=16).hexdigest()

@@ -375,6 +375,8 @@ class Router:
             row.parsed, problem = self.checker.check(reply.text)
             if problem is None:
                 return reply, last
+            if reply.finish_reason == "length":
+                problem += " (the answer was cut at max_tokens: a larger [request] max_tokens may fix this)"
             t.stats.invalid_outputs += 1
             row.invalid_answer = reply.text
             if repairs >= self.max_repairs:
