@@ -92,19 +92,15 @@ def validate(value: Any, schema: Mapping[str, Any], path: str = "$") -> str | No
             if name in value and (err := validate(value[name], sub, f"{path}.{name}")):
                 return err
     elif isinstance(value, list):
-        if len(value) < schema.get("minItems", 0):
-            return f"{path} needs at least {schema['minItems']} items"
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            return f"{path} allows at most {schema['maxItems']} items"
+        if err := _size_problem(path, len(value), schema, "minItems", "maxItems", "items"):
+            return err
         if isinstance(items := schema.get("items"), dict):
             for i, v in enumerate(value):
                 if err := validate(v, items, f"{path}[{i}]"):
                     return err
     elif isinstance(value, str):
-        if len(value) < schema.get("minLength", 0):
-            return f"{path} must have at least {schema['minLength']} characters"
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            return f"{path} must have at most {schema['maxLength']} characters"
+        if err := _size_problem(path, len(value), schema, "minLength", "maxLength", "characters"):
+            return err
         if "pattern" in schema and not re.search(schema["pattern"], value):
             return f"{path} must match /{schema['pattern']}/"
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -114,6 +110,14 @@ def validate(value: Any, schema: Mapping[str, Any], path: str = "$") -> str | No
                         ("exclusiveMaximum", "exclusiveMaximum" not in schema or value < schema["exclusiveMaximum"])):
             if not ok:
                 return f"{path} breaks {key} {schema[key]}, got {value}"
+    return None
+
+
+def _size_problem(path: str, size: int, schema: Mapping[str, Any], low: str, high: str, unit: str) -> str | None:
+    if size < schema.get(low, 0):
+        return f"{path} needs at least {schema[low]} {unit}"
+    if high in schema and size > schema[high]:
+        return f"{path} allows at most {schema[high]} {unit}"
     return None
 
 
