@@ -62,7 +62,7 @@ def estimate(job: Job) -> Estimate:
             context_window=m.context_window or (facts.context_window if facts else None),
             price_input_per_million=p_in, price_output_per_million=p_out,
         ))
-    windows = [(me, me.context_window - max_tokens) for me in models if me.context_window]
+    windows = [(me, me.context_window) for me in models if me.context_window]
     est = Estimate(token_counter=counter.name, exact=counter.exact)
     for batch in plan.batches():
         for req in plan.builder.build(batch, plan.builder.ids(batch), None):
@@ -74,12 +74,12 @@ def estimate(job: Job) -> Estimate:
             est.prompt_tokens += n
             if n > est.max_prompt_tokens:
                 est.max_prompt_tokens = n
-            for me, room in windows:
-                if n > room:
+            completion = req.max_tokens or max_tokens  # a Batch line may set its own
+            est.completion_tokens_max += completion
+            for me, window in windows:
+                if n + completion > window:
                     me.rows_over_context += 1
-    answered = est.rows - est.bad_rows
-    est.completion_tokens_min = answered
-    est.completion_tokens_max = answered * max_tokens
+    est.completion_tokens_min = est.rows - est.bad_rows
     for me in models:
         if me.price_input_per_million is not None and me.price_output_per_million is not None:
             base = est.prompt_tokens * me.price_input_per_million

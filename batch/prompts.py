@@ -47,6 +47,7 @@ class Request(NamedTuple):
     problem: tuple[str, str] | None = None  # (error_type, message) for a bad row
     cacheable: bool = False  # deterministic (temperature 0 or a seed), or the job caches everything
     model: str | None = None  # an OpenAI Batch line's own body.model (body_model = "keep")
+    max_tokens: int | None = None  # an OpenAI Batch line's own max_tokens (None: the job's)
 
     def body_for(self, prefix: bytes) -> bytes:
         """The full body: a model's ``prefix`` (``{"model":"x",``) and this row's tail."""
@@ -206,8 +207,10 @@ class PromptBuilder:
             tail = orjson.dumps({"messages": messages, **fields})[1:]
             key = self._chain_key + (model.encode() if model is not None else b"")
             digest = hashlib.blake2b(key + tail, digest_size=16).hexdigest()
+            limit = fields.get("max_tokens", fields.get("max_completion_tokens"))
             yield Request(rid, index, tail, self.count_tokens(messages), digest, keep, None,
-                          self.cache_all or is_deterministic(fields), model)
+                          self.cache_all or is_deterministic(fields), model,
+                          limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None)
 
     def _check_line(self, method: Any, url: Any, body: Any, rid: str, where: str
                     ) -> tuple[list[dict[str, Any]] | None, tuple[str, str] | None, str | None]:

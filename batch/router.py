@@ -331,7 +331,7 @@ class Router:
             except RateLimited as e:
                 t.breaker.release()
                 t.stats.rate_limited += 1
-                t.limiter.refund(req.prompt_tokens + p.max_tokens)
+                t.limiter.refund(req.prompt_tokens + (req.max_tokens or p.max_tokens))
                 wait = e.retry_after if e.retry_after is not None else self._backoff(waits)
                 t.limiter.on_rate_limited(wait, e.scope, e.limit_requests, e.limit_tokens)
                 waits += 1
@@ -402,7 +402,8 @@ class Router:
                 self._check_stop()
             else:
                 self._first_claimed = first = True
-        reserved = req.prompt_tokens + self.policy.max_tokens
+        completion = req.max_tokens or self.policy.max_tokens  # a Batch line may set its own
+        reserved = req.prompt_tokens + completion
         limiter = t.limiter
         budget = self.budget
         try:
@@ -411,7 +412,7 @@ class Router:
                 self._check_stop()
             worst = 0.0
             if budget.max_usd is not None:
-                worst = t.worst_cost(req.prompt_tokens, self.policy.max_tokens)
+                worst = t.worst_cost(req.prompt_tokens, completion)
                 if not budget.reserve(worst):
                     self.stopping = True
                     self.on_budget()

@@ -127,6 +127,16 @@ class TestBatchFileRun:
         assert sim.counters.requests == 0
 
 
+def test_estimate_uses_each_lines_own_max_tokens(tmp_path: Path) -> None:
+    lines = [batch_line(i, max_tokens=50 if i % 2 else 10) for i in range(10)]
+    data = write_jsonl(tmp_path / "in.jsonl", lines)
+    job = write_job(tmp_path, input_path=data, base_url="http://127.0.0.1:9/v1", input=BATCH_INPUT,
+                    request={"temperature": 0})
+    proc = run_cli("estimate", str(job), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert orjson.loads(proc.stdout)["completion_tokens_max"] == 5 * 50 + 5 * 10
+
+
 class TestRecognition:
     def test_a_jsonl_file_in_batch_format_is_recognised(self, tmp_path: Path) -> None:
         data = write_jsonl(tmp_path / "in.jsonl", [batch_line(0)])
@@ -176,7 +186,7 @@ def test_any_batch_line_becomes_a_request_or_a_named_problem(method: Any, url: A
         return
     sent = orjson.loads(b'{"model":"m",' + req.tail)
     assert sent["messages"] == body["messages"] and "stream" not in sent
-    assert sent["max_tokens"] == 3
+    assert sent["max_tokens"] == 3 and req.max_tokens == 3  # the limiter reserves the line's own max_tokens
     assert req.model == body.get("model")
     assert req.cacheable == (body.get("temperature") == 0)
 
