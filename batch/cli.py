@@ -279,6 +279,11 @@ def _stats(args: argparse.Namespace) -> int:
     per_k = total["cost_usd"] / results["rows"] * 1000 if results["rows"] else 0.0
     print(f"\ntotal cost ${total['cost_usd']:.6f} (${per_k:.4f} per 1,000 rows); results: {results['rows']} rows, "
           f"{results['ok']} ok, {results['error']} error")
+    if total["cache_hits"]:
+        print(f"rows answered from the response cache (no request, no cost): {total['cache_hits']}")
+    if total["invalid_outputs"]:
+        print(f"answers that failed [output_format]: {total['invalid_outputs']}, repairs asked: {total['repairs']} "
+              "(both billed, and included above)")
     return 0
 
 

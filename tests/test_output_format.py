@@ -54,6 +54,9 @@ class TestLabels:
         assert stats["repairs"].sum() == sim.counters.invalid_answers - len(bad)
         assert stats["requests"].sum() == sim.counters.requests == 600 + stats["repairs"].sum()
         assert df["cost_usd"].sum() == pytest.approx(stats["cost_usd"].sum(), abs=1e-9)  # repairs are billed
+        shown = run_cli("stats", str(tmp_path / "out")).stdout
+        assert f"answers that failed [output_format]: {sim.counters.invalid_answers}, repairs asked: " \
+               f"{stats['repairs'].sum()}" in shown
 
     def test_after_its_repairs_a_row_falls_back_to_the_next_model(self, tmp_path: Path, sim_factory: Any) -> None:
         sim = sim_factory(invalid_answers=0.3, seed=5)
