@@ -8,7 +8,8 @@ It imitates what batch meets on the wire from OpenRouter and OpenAI, on
   as ``(a/b/c)`` it picks one by a hash of the message, else it answers
   ``"sim <hash> <first words>"``. ``max_tokens`` truncates the answer and sets
   ``finish_reason: "length"``.
-- Structured answers: with ``response_format`` ``json_schema`` (or a message
+- Structured answers: a model the catalog knows without structured outputs
+  (gpt-3.5-turbo) refuses ``json_schema`` with a 400, as OpenAI does. With ``response_format`` ``json_schema`` (or a message
   that says ``JSON schema: {...}``, as batch's [output_format] instruction
   does) it answers a JSON instance of the schema, its values derived from the
   prompt; with ``json_object`` alone, ``{"answer": ...}``. ``invalid_answers``
@@ -360,6 +361,11 @@ class _Faults:
         if time.monotonic() - (self._first_request or 0.0) < cfg.down.get(model, 0.0):
             return _error(503, f"{model} is down", 503, headers={"Retry-After": "0"},
                           metadata={"error_type": "provider_unavailable"})
+        fmt = body.get("response_format")
+        facts = facts_for(model)
+        if isinstance(fmt, dict) and facts is not None and fmt.get("type") not in (*facts.response_formats, "text"):
+            return _error(400, f"Invalid parameter: 'response_format' of type '{fmt.get('type')}' is not "
+                          "supported with this model.", "invalid_request_error")
         window = self._context_window(model)  # type: ignore[attr-defined]
         prompt = usage_for(messages, "", model)["prompt_tokens"]
         if prompt + (body.get("max_tokens") or 0) > window:

@@ -128,6 +128,19 @@ class TestJsonSchema:
         assert "$.stars breaks maximum 5" in (checker.check('{"product": "x", "sentiment": "neutral", "stars": 9}')[1]
                                               or "")
 
+    def test_forcing_structured_outputs_on_gpt35_is_refused_and_auto_is_not(self, tmp_path: Path,
+                                                                            sim: SimThread) -> None:
+        data = write_jsonl(tmp_path / "in.jsonl", reviews(20))
+        for mode, want in (("json_schema", {"bad_request"}), ("auto", set())):
+            job = write_job(tmp_path, input_path=data, base_url=sim.base_url, name=f"{mode}.toml",
+                            output={"path": str(tmp_path / mode)}, request={"temperature": 0, "max_tokens": 80},
+                            extra={"output_format": {"json_schema": SCHEMA, "response_format": mode}})
+            run_cli("run", str(job), "-q")
+            df = results(tmp_path / mode)
+            assert set(df["error_type"].dropna()) == want, mode
+        refused = results(tmp_path / "json_schema")
+        assert refused["error_message"].str.contains("'json_schema' is not supported with this model").all()
+
     def test_gpt35_gets_json_mode_and_unknown_models_structured_outputs(self) -> None:
         facts = facts_for("openai/gpt-3.5-turbo")
         assert facts is not None
