@@ -432,6 +432,7 @@ SIM_KEYS: dict[str, type] = {
     "rate_limit_style": str,
     "report_cost": bool,
     "invalid_answers": float,
+    "json_mode_only": list,
 }
 
 

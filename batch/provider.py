@@ -316,6 +316,7 @@ class ModelInfo:
     context_length: int | None
     price_input: float | None
     price_output: float | None
+    supported_parameters: tuple[str, ...] | None = None  # OpenRouter: e.g. "response_format", "structured_outputs"
 
 
 async def fetch_models(session: aiohttp.ClientSession, endpoint: Endpoint, timeout: float = 30) -> dict[str, ModelInfo]:
@@ -338,10 +339,12 @@ async def fetch_models(session: aiohttp.ClientSession, endpoint: Endpoint, timeo
         if not isinstance(e, dict) or "id" not in e:
             continue
         pricing = e.get("pricing") or {}
+        params = e.get("supported_parameters")
         models[e["id"]] = ModelInfo(
             context_length=e.get("context_length"),
             price_input=_price(pricing.get("prompt")),
             price_output=_price(pricing.get("completion")),
+            supported_parameters=tuple(str(x) for x in params) if isinstance(params, list) else None,
         )
     return models
 

@@ -136,7 +136,8 @@ class Target:
     level: int
     model: str
     provider: str
-    prefix: bytes  # b'{"model":"x",' (plus OpenRouter's "models" list when server fallback is on)
+    prefix: bytes  # b'{"model":"x",' (plus OpenRouter's "models" list, and response_format when set)
+    server_fallback: tuple[str, ...]  # the later models of OpenRouter's "models" list (run.server_fallback)
     cache_salt: bytes  # the provider's configured base URL and a NUL: part of every cache key
     endpoint: Endpoint
     limiter: ModelLimiter

@@ -140,15 +140,11 @@ def _targets(job: Job, sim_url: str | None, body_models: Iterable[str] = ()
             endpoints[m.provider] = make_endpoint(spec.name, base, spec.api_key_env, spec.headers,
                                                   require_key=require_key)
         p_in, p_out = prices_for(m.model, m.price_input_per_million, m.price_output_per_million)
-        fmt = job.output_format
-        rf = None
-        if fmt is not None and fmt.json_schema is not None:
-            facts = facts_for(m.model)
-            mode = resolve_response_format(fmt.response_format, fmt.kind, facts.response_formats if facts else None)
-            rf = response_format(fmt.json_schema, mode)
+        facts = facts_for(m.model)
+        rf = _response_format(job, facts.response_formats if facts else None)
         return Target(
             level=level, model=m.model, provider=m.provider,
-            prefix=model_prefix(m.model, server_fallback, rf),
+            prefix=model_prefix(m.model, server_fallback, rf), server_fallback=tuple(server_fallback),
             cache_salt=spec.base_url.encode() + b"\0",
             endpoint=endpoints[m.provider], limiter=ModelLimiter(m.requests_per_minute, m.tokens_per_minute),
             breaker=Breaker(job.run.breaker_failures, job.run.breaker_cooldown_seconds),
@@ -172,6 +168,21 @@ def _targets(job: Job, sim_url: str | None, body_models: Iterable[str] = ()
     return targets, row_chains
 
 
+def _response_format(job: Job, supported: tuple[str, ...] | None) -> dict[str, object] | None:
+    """The response_format one model gets for the job's [output_format]; ``supported``: what it accepts."""
+    fmt = job.output_format
+    if fmt is None or fmt.json_schema is None:
+        return None
+    return response_format(fmt.json_schema, resolve_response_format(fmt.response_format, fmt.kind, supported))
+
+
+def _formats_from(params: tuple[str, ...]) -> tuple[str, ...]:
+    """OpenRouter's supported_parameters, as the response_format types a model accepts."""
+    if "structured_outputs" in params:
+        return ("json_schema", "json_object")
+    return ("json_object",) if "response_format" in params else ()
+
+
 async def _check_models(job: Job, session: aiohttp.ClientSession, targets: list[Target],
                         progress: Progress) -> None:
     """Live prices and availability from each provider's model list (run.check_models)."""
@@ -184,7 +195,8 @@ async def _check_models(job: Job, session: aiohttp.ClientSession, targets: list[
                 progress.message(f"warning: {t.provider}: {exc}; using built-in prices")
                 listings[t.provider] = {}
         info = listings[t.provider].get(t.model)
-        spec = job.models[t.level]
+        # a Batch line's own model (body_model = "keep") is not in [[models]]: no price overrides
+        spec = job.models[t.level] if t.level < len(job.models) else ModelSpec(provider=t.provider, model=t.model)
         if info is None:
             if listings[t.provider]:
                 progress.message(f"warning: {t.provider} does not list {t.model}; its rows will fall back")
@@ -193,6 +205,10 @@ async def _check_models(job: Job, session: aiohttp.ClientSession, targets: list[
             t.price_in = info.price_input
         if spec.price_output_per_million is None and info.price_output is not None:
             t.price_out = info.price_output
+        if info.supported_parameters is not None and job.output_format is not None:
+            # the live list beats the catalog: structured outputs only where the provider says so
+            rf = _response_format(job, _formats_from(info.supported_parameters))
+            t.prefix = model_prefix(t.model, t.server_fallback, rf)
 
 
 @contextlib.asynccontextmanager

@@ -91,6 +91,8 @@ class SimConfig:
             ``window_seconds`` (tokens = prompt + completion, as usage reports them);
             requests refused with 429 do not count.
         report_cost: include ``usage.cost`` as OpenRouter does (False: as OpenAI, tokens only).
+        json_mode_only: models that, like gpt-3.5-turbo, take response_format json_object but refuse
+            json_schema (400), and say so in GET /models supported_parameters.
         invalid_answers: probability that an answer is invalid for its format: "unsure" instead of
             one of the offered (a/b/c) choices, or JSON cut short. Drawn per (seed, prompt, nth request).
         rate_limit_style: "openai" (x-ratelimit-* headers on every response, the limit
@@ -117,6 +119,7 @@ class SimConfig:
     rate_limit_style: str = "openai"
     report_cost: bool = True
     invalid_answers: float = 0.0
+    json_mode_only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for kind in self.faults:
@@ -362,8 +365,7 @@ class _Faults:
             return _error(503, f"{model} is down", 503, headers={"Retry-After": "0"},
                           metadata={"error_type": "provider_unavailable"})
         fmt = body.get("response_format")
-        facts = facts_for(model)
-        if isinstance(fmt, dict) and facts is not None and fmt.get("type") not in (*facts.response_formats, "text"):
+        if isinstance(fmt, dict) and fmt.get("type") not in (*self._response_formats(model), "text"):
             return _error(400, f"Invalid parameter: 'response_format' of type '{fmt.get('type')}' is not "
                           "supported with this model.", "invalid_request_error")
         window = self._context_window(model)  # type: ignore[attr-defined]
@@ -503,12 +505,23 @@ class Simulator(_Faults):
         for name in names:
             facts = facts_for(name)
             p_in, p_out = (facts.price_input_per_million, facts.price_output_per_million) if facts else DEFAULT_PRICES
+            params = ["max_tokens", "temperature", "seed", "stop", "response_format"]
+            if "json_schema" in self._response_formats(name):
+                params.append("structured_outputs")
             data.append({
                 "id": name,
                 "context_length": self._context_window(name),
+                "supported_parameters": params,
                 "pricing": {"prompt": f"{p_in / 1e6:.10f}", "completion": f"{p_out / 1e6:.10f}"},
             })
         return web.Response(body=orjson.dumps({"data": data}), content_type="application/json")
+
+    def _response_formats(self, model: str) -> tuple[str, ...]:
+        """What response_format types a model accepts: json_mode_only, else the catalog, else both."""
+        if model in self.config.json_mode_only:
+            return ("json_object",)
+        facts = facts_for(model)
+        return facts.response_formats if facts else ("json_schema", "json_object")
 
     def _context_window(self, model: str) -> int:
         if model in self.config.context_windows:

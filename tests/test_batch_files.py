@@ -116,6 +116,16 @@ class TestBatchFileRun:
             assert (r["model"], r["fallback_level"]) == want, r
         assert sim.counters.by_model["old-model"] == 10
 
+    def test_check_models_with_a_lines_own_model(self, tmp_path: Path, sim: SimThread) -> None:
+        """A model only a Batch line names is checked against the provider's list like the chain's."""
+        data = write_jsonl(tmp_path / "in.jsonl", [batch_line(i) for i in range(5)])
+        job = write_job(tmp_path, input_path=data, base_url=sim.base_url,
+                        input={**BATCH_INPUT, "body_model": "keep"}, run={"check_models": True})
+        proc = run_cli("run", str(job), "-q")
+        assert proc.returncode == 0, proc.stderr
+        assert "does not list gpt-4o-mini" in proc.stderr
+        assert sim.counters.by_model["gpt-4o-mini"] == 5
+
     def test_lines_for_another_endpoint_block_the_run_with_their_line(self, tmp_path: Path, sim: SimThread) -> None:
         lines = [batch_line(i) for i in range(5)]
         lines[3]["url"] = "/v1/embeddings"

@@ -141,6 +141,22 @@ class TestJsonSchema:
         refused = results(tmp_path / "json_schema")
         assert refused["error_message"].str.contains("'json_schema' is not supported with this model").all()
 
+    def test_check_models_learns_which_models_lack_structured_outputs(self, tmp_path: Path,
+                                                                     sim_factory: Any) -> None:
+        """A model unknown to the catalog gets structured outputs, which it refuses; with
+        run.check_models its supported_parameters say to use JSON mode instead."""
+        sim = sim_factory(json_mode_only=("vendor/json-mode",), models=("vendor/json-mode",))
+        data = write_jsonl(tmp_path / "in.jsonl", reviews(20))
+        for check, want in ((False, {"bad_request"}), (True, set())):
+            name = f"check-{check}"
+            job = write_job(tmp_path, input_path=data, base_url=sim.base_url, name=f"{name}.toml",
+                            models=[{"provider": "local", "model": "vendor/json-mode"}],
+                            output={"path": str(tmp_path / name)}, run={"check_models": check},
+                            request={"temperature": 0, "max_tokens": 80},
+                            extra={"output_format": {"json_schema": SCHEMA}})
+            run_cli("run", str(job), "-q")
+            assert set(results(tmp_path / name)["error_type"].dropna()) == want, check
+
     def test_gpt35_gets_json_mode_and_unknown_models_structured_outputs(self) -> None:
         facts = facts_for("openai/gpt-3.5-turbo")
         assert facts is not None
