@@ -52,13 +52,25 @@ def schema_problems(schema: Any, where: str = "json_schema") -> list[str]:
                             f"{', '.join(sorted(k for k in SUPPORTED_KEYWORDS if not k.startswith('$')))})")
     types = schema.get("type")
     for t in types if isinstance(types, list) else [types] if types is not None else []:
-        if t not in _TYPES:
+        if not isinstance(t, str) or t not in _TYPES:
             problems.append(f"{where}.type: unknown type {t!r}; expected one of {', '.join(_TYPES)}")
-    for name, sub in (schema.get("properties") or {}).items():
-        problems += schema_problems(sub, f"{where}.properties.{name}")
+    for key, kind, what in (("properties", dict, "a table of schemas"), ("items", dict, "one schema (a table)"),
+                            ("required", list, "a list of property names"), ("enum", list, "a list"),
+                            ("pattern", str, "a string")):
+        if key in schema and not isinstance(schema[key], kind):
+            problems.append(f"{where}.{key}: expected {what}, got {_short(schema[key])}")
+    for key in ("minLength", "maxLength", "minItems", "maxItems", "minimum", "maximum", "exclusiveMinimum",
+                "exclusiveMaximum"):
+        if key in schema and (isinstance(schema[key], bool) or not isinstance(schema[key], (int, float))):
+            problems.append(f"{where}.{key}: expected a number, got {_short(schema[key])}")
+    if isinstance(schema.get("required"), list) and not all(isinstance(r, str) for r in schema["required"]):
+        problems.append(f"{where}.required: expected a list of property names")
+    if isinstance(schema.get("properties"), dict):
+        for name, sub in schema["properties"].items():
+            problems += schema_problems(sub, f"{where}.properties.{name}")
     if isinstance(schema.get("items"), dict):
         problems += schema_problems(schema["items"], f"{where}.items")
-    if "pattern" in schema:
+    if isinstance(schema.get("pattern"), str):
         try:
             re.compile(schema["pattern"])
         except re.error as exc:

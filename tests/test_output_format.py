@@ -211,3 +211,30 @@ def test_the_validator_accepts_what_the_simulator_generates(schema: dict[str, An
     parsed, problem = checker.check(orjson.dumps(value).decode())
     assert problem is None
     pa.array([parsed], type=checker.parsed_type)  # fits the column type
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6),  # what TOML and JSON can hold
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["type", "properties", "items", "required", "enum", "pattern", "minimum", "maxLength",
+                         "additionalProperties", "const", "x"]), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(schema=json_values, answer=json_values)
+def test_any_schema_is_refused_with_reasons_or_validates_any_answer_without_raising(schema: Any,
+                                                                                     answer: Any) -> None:
+    """The schema reader never crashes on what a job file may hold; a schema it accepts can check
+    any JSON answer (a verdict, never an exception)."""
+    import orjson
+
+    problems = schema_problems(schema)
+    if problems:
+        assert all(p.startswith("json_schema") for p in problems)
+        return
+    checker = make_checker("json_schema", schema=schema)
+    parsed, problem = checker.check(orjson.dumps(answer).decode())
+    assert (problem is None) == (validate(answer, schema) is None)
