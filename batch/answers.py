@@ -133,14 +133,18 @@ def _size_problem(path: str, size: int, schema: Mapping[str, Any], low: str, hig
     return None
 
 
+_PY_TYPES: dict[str, type | tuple[type, ...]] = {
+    "object": dict, "array": list, "string": str, "boolean": bool, "null": type(None), "number": (int, float),
+}
+
+
 def _is_type(value: Any, t: str) -> bool:
     if t == "integer":
-        return isinstance(value, int) and not isinstance(value, bool) or (
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
             isinstance(value, float) and value.is_integer())
-    if t == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, {"object": dict, "array": list, "string": str, "boolean": bool,
-                              "null": type(None)}[t])
+    if t == "number" and isinstance(value, bool):
+        return False
+    return isinstance(value, _PY_TYPES[t])
 
 
 def _short(value: Any) -> str:
@@ -160,22 +164,27 @@ def arrow_type(schema: Mapping[str, Any]) -> pa.DataType:
             "boolean": pa.bool_()}.get(t if isinstance(t, str) else "", pa.string())
 
 
-def to_arrow_value(value: Any, typ: pa.DataType) -> Any:
-    """Shape a validated value for ``arrow_type``: JSON text for the parts kept as strings."""
-    if value is None:
-        return None
+def arrow_converter(typ: pa.DataType) -> Callable[[Any], Any]:
+    """A function shaping a validated value for ``typ`` (JSON text for the parts kept as strings).
+    Built once per job: asking pyarrow about types per row cost ~10 us."""
     if pa.types.is_struct(typ):
-        return {typ.field(i).name: to_arrow_value(value.get(typ.field(i).name), typ.field(i).type)
-                for i in range(typ.num_fields)} if isinstance(value, dict) else None
+        fields = [(typ.field(i).name, arrow_converter(typ.field(i).type)) for i in range(typ.num_fields)]
+
+        def struct(value: Any) -> Any:
+            if not isinstance(value, dict):
+                return None
+            return {name: convert(value.get(name)) for name, convert in fields}
+        return struct
     if pa.types.is_list(typ):
-        return [to_arrow_value(v, typ.value_type) for v in value] if isinstance(value, list) else None
+        item = arrow_converter(typ.value_type)
+        return lambda value: [item(v) for v in value] if isinstance(value, list) else None
     if pa.types.is_string(typ):
-        return value if isinstance(value, str) else orjson.dumps(value).decode()
+        return lambda value: value if value is None or isinstance(value, str) else orjson.dumps(value).decode()
     if pa.types.is_integer(typ):
-        return int(value)
+        return lambda value: None if value is None else int(value)
     if pa.types.is_floating(typ):
-        return float(value)
-    return value
+        return lambda value: None if value is None else float(value)
+    return lambda value: value
 
 
 # --- the checker ------------------------------------------------------------------------------
@@ -191,6 +200,7 @@ class Checker:
     pattern: re.Pattern[str] | None
     parsed_type: pa.DataType
     expectation: str  # what a valid answer is, for repair messages
+    to_arrow: Callable[[Any], Any] = lambda value: value
 
     def check(self, text: str) -> tuple[Any, str | None]:
         """(parsed value, None) for a valid answer; (None, why not) for an invalid one."""
@@ -218,7 +228,7 @@ class Checker:
             return None, f"the answer is not valid JSON ({str(exc).split(':', 1)[0]})"
         if (err := validate(value, self.schema)) is not None:
             return None, err
-        return to_arrow_value(value, self.parsed_type), None
+        return self.to_arrow(value), None
 
     def repair_messages(self, answer: str, error: str) -> list[dict[str, str]]:
         """What to append to the conversation to ask for a valid answer."""
@@ -246,7 +256,8 @@ def make_checker(kind: str, *, labels: Sequence[str] = (), normalize: Sequence[s
         return Checker(kind, {}, steps, None, re.compile(regex), pa.string(), f"text matching /{regex}/")
     assert schema is not None
     expectation = "only a JSON value that follows this JSON schema: " + orjson.dumps(schema).decode()
-    return Checker(kind, {}, steps, schema, None, arrow_type(schema), expectation)
+    typ = arrow_type(schema)
+    return Checker(kind, {}, steps, schema, None, typ, expectation, arrow_converter(typ))
 
 
 def schema_instruction(schema: Mapping[str, Any]) -> str:
