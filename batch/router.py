@@ -280,6 +280,19 @@ class Router:
                             charged=row.charged,
                             output=row.invalid_answer if last.kind == "invalid_output" else None)
 
+    def prefetch(self, reqs: Sequence[Request]) -> None:
+        """Look up a batch of rows' first-choice cache keys in one go (the reader calls this per batch)."""
+        cache = self.cache
+        if cache is None:
+            return
+        keys = []
+        for req in reqs:
+            if req.problem is None and (req.cacheable or not cache.writable):
+                t = (self.targets if req.model is None else self.row_chains.get(req.model, self.targets))[0]
+                keys.append(cache_key(t.cache_salt, req.body_for(t.prefix)))
+        if keys:
+            cache.prefetch(keys)
+
     def _from_cache(self, req: Request, chain: Sequence[Target], cache: ResponseCache) -> Result | None:
         """The first model of the chain whose answer to this exact request is stored."""
         final = len(chain) - 1

@@ -39,6 +39,7 @@ from batch.job import Job, ModelSpec
 from batch.limits import ModelLimiter
 from batch.plan import Plan, describe_changes, fingerprint, make_plan, scan
 from batch.progress import Progress, Tally
+from batch.prompts import Request
 from batch.provider import Endpoint, ModelInfo, fetch_models, make_endpoint, open_session
 from batch.router import Breaker, Budget, Policy, Router, RunStopped, Target, error_result, model_prefix
 from batch.sim import SimConfig, Simulator
@@ -383,7 +384,11 @@ async def _pump(job: Job, plan: Plan, done_mask: pa.Array | None, options: RunOp
         for batch in plan.batches(on_bad_line=lambda n, m: None):  # only reached with on_bad_row = "skip"
             ids = plan.builder.ids(batch)
             mask = done_mask.slice(batch.start, batch.size).to_pylist() if done_mask is not None else None
-            for req in plan.builder.build(batch, ids, mask):
+            requests: Iterable[Request] = plan.builder.build(batch, ids, mask)
+            if router.cache is not None:  # one cache query per batch, not one per row
+                requests = list(requests)
+                router.prefetch(requests)
+            for req in requests:
                 if stop.reason is not None or budget == 0:
                     break
                 await queue.put(req)
