@@ -16,6 +16,7 @@ from pathlib import Path
 
 import orjson
 
+from batch.cache import default_cache_path
 from batch.errors import BatchError, InputError, JobError, OutputError
 from batch.job import CACHE_MODES, load_job
 from batch.plan import make_plan, scan
@@ -211,6 +212,18 @@ def _validate(args: argparse.Namespace) -> int:
     est = estimate(job)
     print(f"{args.job}: job file ok; {report.rows} rows in {job.input.path}")
     blocking = report.blocking(job.run.on_bad_row)
+    if (fmt := job.output_format) is not None:
+        what = {"labels": f"one of {len(fmt.labels)} labels", "regex": f"matching /{fmt.regex}/",
+                "json_schema": "JSON that follows the schema"}[fmt.kind]
+        print(f"  answers must be {what}; up to {fmt.max_repairs} repairs per model, then fallback, "
+              "then invalid_output")
+    if job.run.cache != "off":
+        path = job.run.cache_path or default_cache_path()
+        state = f"{path.stat().st_size:,} bytes" if path.exists() else "no file yet"
+        print(f"  response cache {job.run.cache} at {path} ({state})")
+        if job.run.cache == "replay" and not path.exists():
+            blocking.append(f"run.cache = \"replay\" but there is no cache at {path}; record one first with "
+                            "--cache read-write")
     for problem in blocking:
         print(f"  blocking: {problem}")
     if report.bad_rows:

@@ -130,3 +130,5 @@ class TestReplay:
         assert "no cache at" in proc.stderr and "read-write" in proc.stderr
         assert sim.counters.requests == 0
         assert not (tmp_path / "job").exists()
+        checked = run_cli("validate", str(job))
+        assert checked.returncode == 2 and "blocking: run.cache = \"replay\" but there is no cache" in checked.stdout
