@@ -50,12 +50,12 @@ class Plan:
 def make_plan(job: Job, counter: TokenCounter = HEURISTIC) -> Plan:
     inp = job.input
     chain = "|".join(f"{m.provider}:{m.model}" for m in job.models)
-    system = inp.system
     fmt = job.output_format
-    if fmt is not None and fmt.json_schema is not None and fmt.instruct:
-        system = "\n\n".join(filter(None, [system, schema_instruction(fmt.json_schema)]))
+    instruction = schema_instruction(fmt.json_schema) if fmt and fmt.json_schema is not None and fmt.instruct \
+        else None
     builder = PromptBuilder(
-        template=inp.template, messages_column=inp.messages_column, system=system,
+        template=inp.template, messages_column=inp.messages_column, system=inp.system,
+        instruction=instruction,
         id_column=inp.id_column, keep_columns=inp.keep_columns, request_fields=job.request, chain_key=chain,
         counter=counter, batch_file=inp.format == "openai-batch", keep_body_model=inp.body_model == "keep",
         cache_all=job.run.cache_nondeterministic,

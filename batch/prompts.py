@@ -109,11 +109,14 @@ class PromptBuilder:
         keep_body_model: bool = False,
         cache_all: bool = False,
         drop_body_fields: Sequence[str] = (),
+        instruction: str | None = None,
     ) -> None:
         self.count_tokens = counter.count
         self.template = Template.compile(template) if template is not None else None
         self.messages_column = messages_column
-        self.system = system
+        # the [output_format] schema instruction joins the job's system prompt, or a row's own
+        self.system = "\n\n".join(filter(None, [system, instruction])) or None
+        self.instruction = instruction
         self.batch_file = batch_file
         self.keep_body_model = keep_body_model
         self.cache_all = cache_all
@@ -176,6 +179,8 @@ class PromptBuilder:
                 continue
             if sys_msg is not None and messages[0].get("role") != "system":
                 messages.insert(0, sys_msg)
+            elif self.instruction is not None and messages[0].get("role") == "system":
+                messages[0] = _with_instruction(messages[0], self.instruction)
             tail = orjson.dumps({"messages": messages, **fields})[1:]
             digest = hashlib.blake2b(chain_key + tail, digest_size=16).hexdigest()
             yield Request(rid, index, tail, self.count_tokens(messages), digest, keep, None, cacheable)
@@ -203,6 +208,8 @@ class PromptBuilder:
                 continue
             if sys_msg is not None and messages[0].get("role") != "system":
                 messages.insert(0, sys_msg)
+            elif self.instruction is not None and messages[0].get("role") == "system":
+                messages[0] = _with_instruction(messages[0], self.instruction)
             fields = {**defaults, **{k: v for k, v in body.items() if k not in self._set_by_batch}}
             tail = orjson.dumps({"messages": messages, **fields})[1:]
             key = self._chain_key + (model.encode() if model is not None else b"")
@@ -243,6 +250,13 @@ class PromptBuilder:
                 return None, ("bad_field_type", (f"{batch.where(i)}: field {name!r} is a {type(v).__name__}; "
                               "template fields need text or numbers"))
         return [{"role": "user", "content": fmt.format(*values)}], None
+
+
+def _with_instruction(message: dict[str, Any], instruction: str) -> dict[str, Any]:
+    content = message.get("content")
+    if not isinstance(content, str):
+        return message  # structured content parts: left as the row wrote them
+    return {**message, "content": f"{content}\n\n{instruction}"}
 
 
 def _check_messages(value: Any, where: str, column: str) -> tuple[list[dict[str, Any]] | None, tuple[str, str] | None]:

@@ -110,6 +110,19 @@ class TestJsonSchema:
         for value in df["parsed"]:
             assert validate(value, SCHEMA) is None
 
+    def test_the_schema_instruction_joins_a_rows_own_system_message(self, tmp_path: Path, sim: SimThread) -> None:
+        """Rows that bring their own system message (messages_column, Batch lines) still learn the
+        schema: the sim, told nothing else (response_format none), answers valid JSON at once."""
+        rows = [{"id": f"m{i}", "messages": [{"role": "system", "content": "Be terse."},
+                                             {"role": "user", "content": f"Review {i}: fine."}]} for i in range(20)]
+        data = write_jsonl(tmp_path / "in.jsonl", rows)
+        job = write_job(tmp_path, input_path=data, base_url=sim.base_url,
+                        input={"template": None, "messages_column": "messages"},
+                        request={"temperature": 0, "max_tokens": 80},
+                        extra={"output_format": {"json_schema": SCHEMA, "response_format": "none"}})
+        assert run_cli("run", str(job), "-q").returncode == 0
+        assert (results(tmp_path / "out")["attempts"] == 1).all()
+
     def test_a_schema_with_an_unsupported_keyword_is_refused_at_load(self, tmp_path: Path) -> None:
         data = write_jsonl(tmp_path / "in.jsonl", reviews(1))
         schema = {"type": "object", "oneOf": [{"required": ["a"]}]}
