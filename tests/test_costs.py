@@ -104,3 +104,22 @@ class TestEstimate:
                                  "price_input_per_million": 1.0, "price_output_per_million": 1.0}, GPT])
         est = json.loads(run_cli("estimate", str(job), "--json").stdout)
         assert [m["rows_over_context"] for m in est["models"]] == [1, 0]
+
+
+def test_stats_written_by_an_earlier_version_gain_the_new_columns(tmp_path: Path) -> None:
+    """A stats.parquet without cache_hits, repairs and invalid_outputs keeps its runs when a new run appends."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batch.stats import STATS_SCHEMA, ModelStats, append_stats, stats_rows
+
+    old_schema = pa.schema([f for f in STATS_SCHEMA if f.name not in ("cache_hits", "repairs", "invalid_outputs")])
+    old_row = stats_rows("old-run", {("p", "m"): ModelStats("p:m").freeze(1.0)})[0]
+    pq.write_table(pa.Table.from_pylist([{k: old_row[k] for k in old_schema.names}], schema=old_schema),
+                   tmp_path / "stats.parquet")
+    fresh = ModelStats("p:m")
+    fresh.cache_hits = 7
+    append_stats(tmp_path, stats_rows("new-run", {("p", "m"): fresh.freeze(1.0)}))
+    table = pq.read_table(tmp_path / "stats.parquet")
+    assert table["run_id"].to_pylist() == ["old-run", "new-run"]
+    assert table["cache_hits"].to_pylist() == [0, 7]
