@@ -37,6 +37,7 @@ COMMIT_ROWS = 500
 PREFETCH_CHUNK = 500  # keys per IN query (SQLite allows 32,766 variables; older builds 999)
 BUSY_TIMEOUT_MS = 10_000
 CACHE_FILE = "responses.sqlite3"
+_NOT_PREFETCHED = object()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -124,16 +125,16 @@ class ResponseCache:
     def get(self, key: bytes) -> bytes | None:
         """The stored body for ``key``, or None. (The router counts hits and misses per row.)"""
         found = self._pending.get(key) or self._committing.get(key)
-        body: bytes | None = found[0] if found else None
-        if body is None and key in self._prefetched:
-            return self._prefetched.pop(key)
-        if body is None:
-            try:
-                row = self._reader.execute("SELECT body FROM responses WHERE key = ?", (key,)).fetchone()
-            except sqlite3.Error:
-                row = None  # an unreadable entry is a miss: the request is sent (or fails in replay)
-            body = row[0] if row else None
-        return body
+        prefetched = self._prefetched.pop(key, _NOT_PREFETCHED)
+        if found:
+            return found[0]
+        if prefetched is not _NOT_PREFETCHED:
+            return prefetched  # type: ignore[return-value]
+        try:
+            row = self._reader.execute("SELECT body FROM responses WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error:
+            row = None  # an unreadable entry is a miss: the request is sent (or fails in replay)
+        return row[0] if row else None
 
     def put(self, key: bytes, body: bytes, model: str) -> None:
         """Store a reply; committed in the background once COMMIT_ROWS are collected."""
