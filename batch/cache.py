@@ -23,12 +23,14 @@ in the cache becomes an ``error`` row of type ``cache_miss``).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from batch.errors import JobError
@@ -195,3 +197,48 @@ class ResponseCache:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheInfo:
+    path: str
+    entries: int
+    bytes: int
+    models: dict[str, int]  # answers per model
+    oldest: float | None  # unix time an answer was stored
+    newest: float | None
+
+
+def describe(path: Path) -> CacheInfo:
+    """What a cache file holds: entries, bytes, per-model counts, oldest and newest entry."""
+    if not path.exists():
+        raise JobError(f"{path}: no response cache there")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            entries, oldest, newest = conn.execute(
+                "SELECT count(*), min(created), max(created) FROM responses").fetchone()
+            models = dict(conn.execute("SELECT model, count(*) FROM responses GROUP BY model ORDER BY 2 DESC"))
+    except sqlite3.Error as exc:
+        raise JobError(f"{path}: not a readable response cache: {exc}") from None
+    size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+    return CacheInfo(str(path), entries, size, models, oldest, newest)
+
+
+def prune(path: Path, older_than_seconds: float) -> int:
+    """Delete entries stored more than ``older_than_seconds`` ago, then give the space back; returns rows deleted.
+
+    Age is time since an answer was *stored*: a still-used entry goes too, and the
+    next read-write run stores it again (at its cost). Safe while other runs use the file.
+    """
+    if not path.exists():
+        raise JobError(f"{path}: no response cache there")
+    cutoff = time.time() - older_than_seconds
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)) as conn:
+            with conn:
+                deleted = conn.execute("DELETE FROM responses WHERE created < ?", (cutoff,)).rowcount
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error as exc:
+        raise JobError(f"{path}: cannot prune: {exc}") from None
+    return int(deleted)

@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=("openai-batch",), default="openai-batch")
     x.add_argument("--errors", type=Path, help="write error rows to this file instead (OpenAI's error file)")
 
+    k = sub.add_parser("cache", help="inspect or prune the response cache")
+    k.add_argument("action", choices=("info", "prune"))
+    k.add_argument("--cache-path", type=Path, help="the cache file (default: the user's, see README)")
+    k.add_argument("--older-than-days", type=float, help="prune: delete answers stored more than N days ago")
+    k.add_argument("--json", action="store_true")
+
     m = sub.add_parser("sim", help="run the OpenAI-compatible simulator on 127.0.0.1")
     m.add_argument("--port", type=int, default=8765)
     m.add_argument("--latency-ms", type=float, default=0.0)
@@ -120,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _compact(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "cache":
+            return _cache(args)
         if args.command == "estimate":
             return _estimate(args)
     except (JobError, InputError) as exc:
@@ -326,6 +334,32 @@ def _export(args: argparse.Namespace) -> int:
     ok, failed = export_openai_batch(args.output, args.file, args.errors)
     where = f"; {failed} error lines to {args.errors}" if args.errors else f" ({failed} of them error lines)"
     print(f"wrote {ok + failed if not args.errors else ok} lines to {args.file}{where}")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from batch.cache import describe, prune
+
+    path = (args.cache_path or default_cache_path()).expanduser().resolve()
+    if args.action == "prune":
+        if args.older_than_days is None or args.older_than_days < 0:
+            raise JobError("cache prune: say how old, e.g. --older-than-days 30")
+        deleted = prune(path, args.older_than_days * 86400)
+        print(f"deleted {deleted} answers stored more than {args.older_than_days:g} days ago from {path}")
+    info = describe(path)
+    if args.json:
+        print(orjson.dumps(dataclasses.asdict(info), option=orjson.OPT_INDENT_2).decode())
+        return 0
+
+    def when(t: float | None) -> str:
+        return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if t else "-"
+
+    print(f"{info.path}: {info.entries} answers, {info.bytes / 1e6:.1f} MB "
+          f"(stored {when(info.oldest)} to {when(info.newest)})")
+    for model, n in info.models.items():
+        print(f"  {model}: {n}")
     return 0
 
 

@@ -132,3 +132,19 @@ class TestReplay:
         assert not (tmp_path / "job").exists()
         checked = run_cli("validate", str(job))
         assert checked.returncode == 2 and "blocking: run.cache = \"replay\" but there is no cache" in checked.stdout
+
+
+def test_cache_info_and_prune(tmp_path: Path, sim: SimThread) -> None:
+    data = write_jsonl(tmp_path / "in.jsonl", rows(30))
+    job = cache_job(tmp_path, data, sim, "job.toml")
+    assert run_cli("run", str(job), "-q").returncode == 0
+    where = ["--cache-path", str(tmp_path / "cache.sqlite3")]
+    info = run_cli("cache", "info", *where, "--json")
+    assert info.returncode == 0, info.stderr
+    assert '"entries": 30' in info.stdout and '"openai/gpt-3.5-turbo": 30' in info.stdout
+    kept = run_cli("cache", "prune", "--older-than-days", "1", *where)
+    assert "deleted 0 answers" in kept.stdout
+    gone = run_cli("cache", "prune", "--older-than-days", "0", *where)
+    assert "deleted 30 answers" in gone.stdout and "0 answers" in gone.stdout
+    assert run_cli("run", str(job), "-q", "--fresh").returncode == 0  # recorded again, at its cost
+    assert sim.counters.requests == 60
