@@ -72,11 +72,9 @@ class ResponseCache:
         if mode not in ("read-write", "replay"):
             raise ValueError(f"cache mode {mode!r}")
         self.path = path
-        self.mode = mode
         self.writable = mode == "read-write"
         self.hits = 0  # rows answered from the cache (counted by the router)
         self.misses = 0  # rows looked up and not found
-        self.stored = 0
         self.error: str | None = None  # the first write failure; writes stop after it
         self._prefetched: dict[bytes, bytes | None] = {}  # looked up by prefetch, not yet asked for
         self._pending: dict[bytes, tuple[bytes, str]] = {}  # put, not yet handed to the writer
@@ -166,7 +164,6 @@ class ResponseCache:
         with conn:  # one transaction; INSERT OR IGNORE: the first answer stored for a key stays
             conn.executemany("INSERT OR IGNORE INTO responses (key, body, model, created) VALUES (?, ?, ?, ?)",
                              [(k, b, m, now) for k, (b, m) in rows])
-        self.stored += len(rows)
 
     def _wait(self) -> None:
         if self._writing is not None:

@@ -113,47 +113,28 @@ def _keep_pandas_out() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _keep_pandas_out()
+    commands = {"run": _run, "validate": _validate, "estimate": _estimate, "stats": _stats,
+                "compact": _compact, "export": _export, "cache": _cache, "sim": _sim}
     try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "validate":
-            return _validate(args)
-        if args.command == "stats":
-            return _stats(args)
-        if args.command == "sim":
-            return _sim(args)
-        if args.command == "compact":
-            return _compact(args)
-        if args.command == "export":
-            return _export(args)
-        if args.command == "cache":
-            return _cache(args)
-        if args.command == "estimate":
-            return _estimate(args)
-    except (JobError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    except OutputError as exc:
+        return commands[args.command](args)
+    except (JobError, InputError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     except BatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_STOPPED
-    return EXIT_INVALID
 
 
 def _run(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     if args.output is not None:
         job = dataclasses.replace(job, output=dataclasses.replace(job.output, path=args.output.resolve()))
-    if args.concurrency is not None:
-        if args.concurrency < 1:
-            raise JobError("--concurrency: expected a positive integer")
-        job = dataclasses.replace(job, run=dataclasses.replace(job.run, concurrency=args.concurrency))
-    if args.cache is not None:
-        job = dataclasses.replace(job, run=dataclasses.replace(job.run, cache=args.cache))
-    if args.cache_path is not None:
-        job = dataclasses.replace(job, run=dataclasses.replace(job.run, cache_path=args.cache_path.resolve()))
+    if args.concurrency is not None and args.concurrency < 1:
+        raise JobError("--concurrency: expected a positive integer")
+    run_overrides = {"concurrency": args.concurrency, "cache": args.cache,
+                     "cache_path": args.cache_path.resolve() if args.cache_path else None}
+    if given := {k: v for k, v in run_overrides.items() if v is not None}:
+        job = dataclasses.replace(job, run=dataclasses.replace(job.run, **given))
     options = RunOptions(retry_errors=args.retry_errors, retry_truncated=args.retry_truncated, force=args.force, fresh=args.fresh,
                          limit=args.limit, quiet=args.quiet)
     summary = asyncio.run(run_async(job, options))

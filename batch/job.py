@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import orjson
 
@@ -206,6 +206,16 @@ def _get(
     return value
 
 
+def _choice(table: Mapping[str, Any], key: str, choices: tuple[str, ...], where: str, problems: _Problems,
+            default: str | None) -> str | None:
+    """A string key that must be one of ``choices``; ``default`` when absent or invalid (the problem is noted)."""
+    value = _get(table, key, str, where, problems, default)
+    if key in table and value not in choices:
+        problems.add(f"{where}{key}", f"expected one of {', '.join(choices)}, got {table[key]!r}")
+        return default
+    return value
+
+
 def _table(root: Mapping[str, Any], key: str, problems: _Problems) -> dict[str, Any]:
     value = root.get(key, {})
     if not isinstance(value, dict):
@@ -223,23 +233,19 @@ def _input(raw: dict[str, Any], base: Path, p: _Problems) -> InputSpec | None:
     w = "input."
     _check_keys(raw, _INPUT_KEYS, w, p)
     path = _get(raw, "path", str, w, p, required=True)
-    fmt = _get(raw, "format", str, w, p)
+    fmt = _choice(raw, "format", INPUT_FORMATS, w, p, None)
     template = _get(raw, "template", str, w, p)
     messages_column = _get(raw, "messages_column", str, w, p)
     if path is None:
         return None
     full = (base / path).resolve()
-    if fmt is None:
+    if fmt is None and "format" not in raw:
         fmt = _guess_format(full)
         if fmt is None:
             p.add("input.path", f"cannot tell the format of {path!r} from its name; "
                   f"set input.format to one of {', '.join(INPUT_FORMATS)}")
-    elif fmt not in INPUT_FORMATS:
-        p.add("input.format", f"expected one of {', '.join(INPUT_FORMATS)}, got {fmt!r}")
     id_column = _get(raw, "id_column", str, w, p)
-    body_model = _get(raw, "body_model", str, w, p, "replace")
-    if body_model not in BODY_MODEL:
-        p.add("input.body_model", f"expected one of {', '.join(BODY_MODEL)}, got {body_model!r}")
+    body_model = _choice(raw, "body_model", BODY_MODEL, w, p, "replace")
     if fmt == "openai-batch":
         for key in ("template", "messages_column", "id_column"):
             if key in raw:
@@ -378,39 +384,26 @@ def _providers(root: Mapping[str, Any], models: tuple[ModelSpec, ...], p: _Probl
 _RUN_KEYS = tuple(f for f in RunSpec.__dataclass_fields__)
 
 
+_CHOICES = {"on_bad_row": ON_BAD_ROW, "cache": CACHE_MODES}
+
+
 def _run(raw: dict[str, Any], base: Path, p: _Problems) -> RunSpec:
+    """Every [run] key is read as its RunSpec field is typed, with the field's default."""
     w = "run."
     _check_keys(raw, _RUN_KEYS, w, p)
     d = RunSpec()
-    on_bad_row = _get(raw, "on_bad_row", str, w, p, d.on_bad_row)
-    if on_bad_row not in ON_BAD_ROW:
-        p.add("run.on_bad_row", f"expected one of {', '.join(ON_BAD_ROW)}, got {on_bad_row!r}")
-    cache = _get(raw, "cache", str, w, p, d.cache)
-    if cache not in CACHE_MODES:
-        p.add("run.cache", f"expected one of {', '.join(CACHE_MODES)}, got {cache!r}")
-    cache_path = _get(raw, "cache_path", str, w, p)
-    return RunSpec(
-        concurrency=_get(raw, "concurrency", int, w, p, d.concurrency),
-        max_attempts=_get(raw, "max_attempts", int, w, p, d.max_attempts),
-        timeout_seconds=_get(raw, "timeout_seconds", float, w, p, d.timeout_seconds),
-        max_cost_usd=_get(raw, "max_cost_usd", float, w, p, d.max_cost_usd),
-        fallback=_get(raw, "fallback", bool, w, p, d.fallback),
-        backoff_base_seconds=_get(raw, "backoff_base_seconds", float, w, p, d.backoff_base_seconds),
-        backoff_max_seconds=_get(raw, "backoff_max_seconds", float, w, p, d.backoff_max_seconds),
-        max_rate_limit_waits=_get(raw, "max_rate_limit_waits", int, w, p, d.max_rate_limit_waits),
-        breaker_failures=_get(raw, "breaker_failures", int, w, p, d.breaker_failures),
-        breaker_cooldown_seconds=_get(raw, "breaker_cooldown_seconds", float, w, p, d.breaker_cooldown_seconds),
-        on_bad_row=on_bad_row,
-        limit=_get(raw, "limit", int, w, p, d.limit),
-        server_fallback=_get(raw, "server_fallback", bool, w, p, d.server_fallback),
-        length_is_failure=_get(raw, "length_is_failure", bool, w, p, d.length_is_failure),
-        give_up_seconds=_get(raw, "give_up_seconds", float, w, p, d.give_up_seconds),
-        spill_on_rate_limit=_get(raw, "spill_on_rate_limit", bool, w, p, d.spill_on_rate_limit),
-        check_models=_get(raw, "check_models", bool, w, p, d.check_models),
-        cache=cache,
-        cache_path=(base / Path(cache_path).expanduser()).resolve() if cache_path else None,
-        cache_nondeterministic=_get(raw, "cache_nondeterministic", bool, w, p, d.cache_nondeterministic),
-    )
+    values: dict[str, Any] = {}
+    for name, hint in get_type_hints(RunSpec).items():
+        kind = next(t for t in (get_args(hint) or (hint,)) if t is not type(None))  # X | None -> X
+        default = getattr(d, name)
+        if name in _CHOICES:
+            values[name] = _choice(raw, name, _CHOICES[name], w, p, default)
+        elif kind is Path:  # relative to the job file
+            given = _get(raw, name, str, w, p)
+            values[name] = (base / Path(given).expanduser()).resolve() if given else default
+        else:
+            values[name] = _get(raw, name, kind, w, p, default)
+    return RunSpec(**values)
 
 
 # Keys of [sim]; their meaning lives in batch/sim.py's SimConfig.
@@ -503,10 +496,8 @@ def _output_format(raw: dict[str, Any], base: Path, p: _Problems) -> OutputForma
             re.compile(regex)
         except re.error as exc:
             p.add(w + "regex", f"not a valid regular expression: {exc}")
-    mode = _get(raw, "response_format", str, w, p, "auto")
-    if mode not in RESPONSE_FORMATS:
-        p.add(w + "response_format", f"expected one of {', '.join(RESPONSE_FORMATS)}, got {mode!r}")
-    elif mode in ("json_schema", "json_object") and kind != "json_schema":
+    mode = _choice(raw, "response_format", RESPONSE_FORMATS, w, p, "auto")
+    if mode in ("json_schema", "json_object") and kind != "json_schema":
         p.add(w + "response_format", f"{mode!r} needs a json_schema; labels and regex are checked after")
     return OutputFormatSpec(
         kind=kind, labels=labels, normalize=normalize, json_schema=schema if isinstance(schema, dict) else None,

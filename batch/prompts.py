@@ -158,6 +158,7 @@ class PromptBuilder:
         fmt = self.template.positional if self.template else None
         chain_key = self._chain_key
         cacheable = self.cache_all or is_deterministic(fields)
+        instruction = self.instruction
         for i, value in enumerate(texts):
             if skip is not None and skip[i]:
                 continue
@@ -179,8 +180,8 @@ class PromptBuilder:
                 continue
             if sys_msg is not None and messages[0].get("role") != "system":
                 messages.insert(0, sys_msg)
-            elif self.instruction is not None and messages[0].get("role") == "system":
-                messages[0] = _with_instruction(messages[0], self.instruction)
+            elif instruction is not None and messages[0].get("role") == "system":
+                messages[0] = _with_instruction(messages[0], instruction)
             tail = orjson.dumps({"messages": messages, **fields})[1:]
             digest = hashlib.blake2b(chain_key + tail, digest_size=16).hexdigest()
             yield Request(rid, index, tail, self.count_tokens(messages), digest, keep, None, cacheable)
@@ -192,6 +193,7 @@ class PromptBuilder:
         keeps = [cols[c] for c in self.keep_columns]
         defaults = self.request_fields
         sys_msg = {"role": "system", "content": self.system} if self.system else None
+        instruction = self.instruction
         for i, (method, url, body) in enumerate(zip(cols["method"], cols["url"], cols["body"])):
             if skip is not None and skip[i]:
                 continue
@@ -208,8 +210,8 @@ class PromptBuilder:
                 continue
             if sys_msg is not None and messages[0].get("role") != "system":
                 messages.insert(0, sys_msg)
-            elif self.instruction is not None and messages[0].get("role") == "system":
-                messages[0] = _with_instruction(messages[0], self.instruction)
+            elif instruction is not None and messages[0].get("role") == "system":
+                messages[0] = _with_instruction(messages[0], instruction)
             fields = {**defaults, **{k: v for k, v in body.items() if k not in self._set_by_batch}}
             tail = orjson.dumps({"messages": messages, **fields})[1:]
             key = self._chain_key + (model.encode() if model is not None else b"")

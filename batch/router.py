@@ -256,10 +256,11 @@ class Router:
     async def route(self, req: Request) -> Result:
         if req.problem is not None:
             return error_result(req, req.problem[0], req.problem[1], attempts=0)
-        chain = self.targets if req.model is None else self.row_chains.get(req.model, self.targets)
+        chain = self._chain(req)
         cache = self.cache
-        if cache is not None and (req.cacheable or not cache.writable):
-            hit = self._from_cache(req, chain, cache)
+        keys: list[bytes] = []  # the row's cache key per model of its chain, once looked up
+        if cache is not None and self._looks_up(req, cache):
+            hit = self._from_cache(req, chain, cache, keys)
             if hit is not None:
                 return hit
             if not cache.writable:
@@ -272,8 +273,8 @@ class Router:
                 t.stats.fallbacks_in += 1
             reply, last = await self._attempts(req, t, row, last, is_last=level == final)
             if reply is not None:
-                if cache is not None and req.cacheable:
-                    cache.put(cache_key(t.cache_salt, req.body_for(t.prefix)), reply.raw, t.model)
+                if cache is not None and keys:  # looked up, so cacheable: store the answer
+                    cache.put(keys[level], reply.raw, t.model)
                 return self._ok(req, t, reply, row, level, chain)
         assert last is not None
         return error_result(req, last.kind, str(last), attempts=row.sent, level=final, model=last.model,
@@ -287,17 +288,31 @@ class Router:
             return
         keys = []
         for req in reqs:
-            if req.problem is None and (req.cacheable or not cache.writable):
-                t = (self.targets if req.model is None else self.row_chains.get(req.model, self.targets))[0]
+            if req.problem is None and self._looks_up(req, cache):
+                t = self._chain(req)[0]
                 keys.append(cache_key(t.cache_salt, req.body_for(t.prefix)))
         if keys:
             cache.prefetch(keys)
 
-    def _from_cache(self, req: Request, chain: Sequence[Target], cache: ResponseCache) -> Result | None:
-        """The first model of the chain whose answer to this exact request is stored."""
+    def _chain(self, req: Request) -> list[Target]:
+        return self.targets if req.model is None else self.row_chains.get(req.model, self.targets)
+
+    @staticmethod
+    def _looks_up(req: Request, cache: ResponseCache) -> bool:
+        """Read-write looks up only what it may store; replay looks up everything (it sends nothing)."""
+        return req.cacheable or not cache.writable
+
+    def _from_cache(self, req: Request, chain: Sequence[Target], cache: ResponseCache,
+                    keys: list[bytes]) -> Result | None:
+        """The first model of the chain whose answer to this exact request is stored.
+
+        Fills ``keys`` with the row's key for every model of the chain, so a miss stores its
+        answer without hashing the body again.
+        """
         final = len(chain) - 1
+        keys.extend(cache_key(t.cache_salt, req.body_for(t.prefix)) for t in chain)
         for level, t in enumerate(chain):
-            raw = cache.get(cache_key(t.cache_salt, req.body_for(t.prefix)))
+            raw = cache.get(keys[level])
             if raw is None:
                 continue
             try:
