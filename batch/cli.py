@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 from pathlib import Path
 
 import orjson
@@ -98,16 +99,16 @@ def _keep_pandas_out() -> None:
     import pyarrow as pa
 
     class HidePandas:
-        def find_spec(self, name: str, path: object, target: object = None) -> None:
+        def find_spec(self, name: str, path: Sequence[str] | None, target: ModuleType | None = None) -> None:
             if name == "pandas" or name.startswith("pandas."):
                 raise ModuleNotFoundError("hidden from pyarrow's probe")
 
     finder = HidePandas()
-    sys.meta_path.insert(0, finder)  # type: ignore[arg-type]
+    sys.meta_path.insert(0, finder)
     try:
         pa.array([None])
     finally:
-        sys.meta_path.remove(finder)  # type: ignore[arg-type]
+        sys.meta_path.remove(finder)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,6 +244,7 @@ def _stats(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from batch.sinks import Ledger, part_files
+    from batch.stats import COUNTERS
 
     path = args.output / "stats.parquet"
     if not path.exists():
@@ -250,8 +252,7 @@ def _stats(args: argparse.Namespace) -> int:
     runs = pq.read_table(path).to_pylist()
     for r in runs:
         r["errors_by_type"] = dict(r["errors_by_type"] or [])
-    sums = ("requests", "ok", "errors", "retries", "rate_limited", "fallbacks_in", "prompt_tokens",
-            "completion_tokens", "cost_usd", "charged_failures", "cache_hits", "repairs", "invalid_outputs")
+    sums = (*COUNTERS, "errors")
     models: dict[str, dict[str, float]] = {}
     for r in runs:
         m = models.setdefault(f"{r['provider']}:{r['model']}", dict.fromkeys(sums, 0))

@@ -14,7 +14,6 @@ import gzip
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
@@ -22,220 +21,25 @@ import orjson
 
 from batch.answers import NORMALIZERS, make_checker, schema_problems
 from batch.catalog import BUILTIN_PROVIDERS, SIM_FAULTS
+from batch.checks import Problems, check_keys, choice, get, table
 from batch.errors import JobError
+from batch.spec import (BODY_MODEL, CACHE_MODES, INPUT_FORMATS, ON_BAD_ROW, InputSpec, Job, ModelSpec,
+                        OutputFormatSpec, OutputSpec, ProviderSpec, RunSpec, SimSpec)
 
-INPUT_FORMATS = ("jsonl", "parquet", "openai-batch")
-ON_BAD_ROW = ("error", "skip", "fail")
-BODY_MODEL = ("replace", "keep")  # openai-batch input: what happens to each line's body.model
-CACHE_MODES = ("off", "read-write", "replay")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class InputSpec:
-    path: Path
-    format: str
-    id_column: str | None = None
-    template: str | None = None
-    messages_column: str | None = None
-    system: str | None = None
-    keep_columns: tuple[str, ...] = ()
-    # openai-batch input: "replace" sends every line to the job's [[models]] chain;
-    # "keep" starts each line at its own body.model (the chain is its fallback and default).
-    body_model: str = "replace"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class OutputSpec:
-    path: Path
-    flush_rows: int = 1000
-    flush_seconds: float = 5.0
-    raw_response: bool = False  # keep each reply's JSON body in a response_body column
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ModelSpec:
-    provider: str
-    model: str
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    context_window: int | None = None
-    price_input_per_million: float | None = None
-    price_output_per_million: float | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.provider}:{self.model}"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ProviderSpec:
-    name: str
-    base_url: str
-    api_key_env: str | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RunSpec:
-    concurrency: int = 64
-    max_attempts: int = 5
-    timeout_seconds: float = 60.0
-    max_cost_usd: float | None = None
-    fallback: bool = True
-    backoff_base_seconds: float = 0.5
-    backoff_max_seconds: float = 30.0
-    max_rate_limit_waits: int = 50
-    breaker_failures: int = 10
-    breaker_cooldown_seconds: float = 30.0
-    on_bad_row: str = "error"
-    limit: int | None = None
-    server_fallback: bool = False  # OpenRouter: also send the chain as "models" for server-side fallback
-    length_is_failure: bool = False  # a reply cut at max_tokens falls back to the next model
-    give_up_seconds: float = 600.0  # stop the run (exit 3) when no model has answered for this long
-    spill_on_rate_limit: bool = False  # rows move to the next model while the primary is rate limited
-    check_models: bool = False  # GET {base_url}/models first: live prices, context windows, missing models
-    cache: str = "off"  # "off" | "read-write" | "replay": the response cache (batch/cache.py)
-    cache_path: Path | None = None  # None: default_cache_path(), shared by every job of the user
-    cache_nondeterministic: bool = False  # also cache requests without temperature 0 or a seed
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class OutputFormatSpec:
-    """``[output_format]``: what a valid answer is (batch/answers.py checks it)."""
-
-    kind: str  # "labels" | "json_schema" | "regex"
-    labels: tuple[str, ...] = ()
-    normalize: tuple[str, ...] = ("strip", "casefold")
-    json_schema: Mapping[str, Any] | None = None
-    regex: str | None = None
-    max_repairs: int = 2  # per model: ask again with the error, then fall back
-    response_format: str = "auto"  # "auto" | "json_schema" | "json_object" | "none"
-    instruct: bool = True  # json_schema: add the schema to the system prompt
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SimSpec:
-    """Knobs of the embedded simulator (provider ``sim``); see batch/sim.py."""
-
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Job:
-    source: Path
-    input: InputSpec
-    output: OutputSpec
-    request: Mapping[str, Any]
-    models: tuple[ModelSpec, ...]
-    providers: Mapping[str, ProviderSpec]
-    run: RunSpec
-    sim: SimSpec
-    output_format: OutputFormatSpec | None = None
-
-    def provider_of(self, model: ModelSpec) -> ProviderSpec:
-        return self.providers[model.provider]
-
-
-# --- validation helpers -------------------------------------------------------
-
-_TYPE_NAMES = {
-    str: "a string",
-    int: "a positive integer",
-    float: "a positive number",
-    bool: "true or false",
-    list: "a list of strings",
-    dict: "a table",
-}
-
-
-class _Problems:
-    """Collects every problem of a job file, so the user fixes them in one go."""
-
-    def __init__(self, source: Path) -> None:
-        self.source = source
-        self.lines: list[str] = []
-
-    def add(self, key: str, message: str) -> None:
-        self.lines.append(f"{key}: {message}")
-
-    def raise_if_any(self) -> None:
-        if self.lines:
-            body = "\n  ".join(self.lines)
-            raise JobError(f"{self.source}: invalid job file\n  {body}")
-
-
-def _check_keys(
-    table: Mapping[str, Any], allowed: tuple[str, ...], where: str, problems: _Problems
-) -> None:
-    for key in table:
-        if key in allowed:
-            continue
-        close = difflib.get_close_matches(key, allowed, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(allowed)}"
-        problems.add(f"{where}{key}", f"unknown key{hint}")
-
-
-def _get(
-    table: Mapping[str, Any],
-    key: str,
-    kind: type,
-    where: str,
-    problems: _Problems,
-    default: Any = None,
-    *,
-    required: bool = False,
-    positive: bool = True,
-) -> Any:
-    if key not in table:
-        if required:
-            problems.add(f"{where}{key}", f"required, expected {_TYPE_NAMES[kind]}")
-        return default
-    value = table[key]
-    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if kind is list and ok:
-        ok = all(isinstance(v, str) for v in value)
-    if ok and positive and kind in (int, float) and value <= 0:
-        ok = False
-    if ok and kind is str and not value.strip():
-        ok = False
-    if not ok:
-        problems.add(f"{where}{key}", f"expected {_TYPE_NAMES[kind]}, got {value!r}")
-        return default
-    return value
-
-
-def _choice(table: Mapping[str, Any], key: str, choices: tuple[str, ...], where: str, problems: _Problems,
-            default: str | None) -> str | None:
-    """A string key that must be one of ``choices``; ``default`` when absent or invalid (the problem is noted)."""
-    value = _get(table, key, str, where, problems, default)
-    if key in table and value not in choices:
-        problems.add(f"{where}{key}", f"expected one of {', '.join(choices)}, got {table[key]!r}")
-        return default
-    return value
-
-
-def _table(root: Mapping[str, Any], key: str, problems: _Problems) -> dict[str, Any]:
-    value = root.get(key, {})
-    if not isinstance(value, dict):
-        problems.add(key, "expected a table, e.g. [" + key + "]")
-        return {}
-    return value
-
+__all__ = ["Job", "ModelSpec", "load_job", "parse_job", "looks_like_openai_batch", "CACHE_MODES"]
 
 # --- sections ------------------------------------------------------------------
 
 _INPUT_KEYS = ("path", "format", "id_column", "template", "messages_column", "system", "keep_columns", "body_model")
 
 
-def _input(raw: dict[str, Any], base: Path, p: _Problems) -> InputSpec | None:
+def _input(raw: dict[str, Any], base: Path, p: Problems) -> InputSpec | None:
     w = "input."
-    _check_keys(raw, _INPUT_KEYS, w, p)
-    path = _get(raw, "path", str, w, p, required=True)
-    fmt = _choice(raw, "format", INPUT_FORMATS, w, p, None)
-    template = _get(raw, "template", str, w, p)
-    messages_column = _get(raw, "messages_column", str, w, p)
+    check_keys(raw, _INPUT_KEYS, w, p)
+    path = get(raw, "path", str, w, p, required=True)
+    fmt: str | None = choice(raw, "format", INPUT_FORMATS, w, p, "") or None
+    template = get(raw, "template", str, w, p)
+    messages_column = get(raw, "messages_column", str, w, p)
     if path is None:
         return None
     full = (base / path).resolve()
@@ -244,8 +48,8 @@ def _input(raw: dict[str, Any], base: Path, p: _Problems) -> InputSpec | None:
         if fmt is None:
             p.add("input.path", f"cannot tell the format of {path!r} from its name; "
                   f"set input.format to one of {', '.join(INPUT_FORMATS)}")
-    id_column = _get(raw, "id_column", str, w, p)
-    body_model = _choice(raw, "body_model", BODY_MODEL, w, p, "replace")
+    id_column = get(raw, "id_column", str, w, p)
+    body_model = choice(raw, "body_model", BODY_MODEL, w, p, "replace")
     if fmt == "openai-batch":
         for key in ("template", "messages_column", "id_column"):
             if key in raw:
@@ -266,8 +70,8 @@ def _input(raw: dict[str, Any], base: Path, p: _Problems) -> InputSpec | None:
         id_column="custom_id" if fmt == "openai-batch" else id_column,
         template=template,
         messages_column=messages_column,
-        system=_get(raw, "system", str, w, p),
-        keep_columns=tuple(_get(raw, "keep_columns", list, w, p, [])),
+        system=get(raw, "system", str, w, p),
+        keep_columns=tuple(get(raw, "keep_columns", list, w, p, [])),
         body_model=body_model,
     )
 
@@ -295,13 +99,13 @@ def looks_like_openai_batch(path: Path) -> bool:
     return False
 
 
-def _output(raw: dict[str, Any], base: Path, p: _Problems) -> OutputSpec | None:
+def _output(raw: dict[str, Any], base: Path, p: Problems) -> OutputSpec | None:
     w = "output."
-    _check_keys(raw, ("path", "flush_rows", "flush_seconds", "raw_response"), w, p)
-    path = _get(raw, "path", str, w, p, required=True)
-    flush_rows = _get(raw, "flush_rows", int, w, p, 1000)
-    flush_seconds = _get(raw, "flush_seconds", float, w, p, 5.0)
-    raw_response = _get(raw, "raw_response", bool, w, p, False)
+    check_keys(raw, ("path", "flush_rows", "flush_seconds", "raw_response"), w, p)
+    path = get(raw, "path", str, w, p, required=True)
+    flush_rows = get(raw, "flush_rows", int, w, p, 1000)
+    flush_seconds = get(raw, "flush_seconds", float, w, p, 5.0)
+    raw_response = get(raw, "raw_response", bool, w, p, False)
     if path is None:
         return None
     return OutputSpec(path=(base / path).resolve(), flush_rows=flush_rows, flush_seconds=flush_seconds,
@@ -314,7 +118,7 @@ _MODEL_KEYS = (
 )
 
 
-def _models(root: Mapping[str, Any], p: _Problems) -> tuple[ModelSpec, ...]:
+def _models(root: Mapping[str, Any], p: Problems) -> tuple[ModelSpec, ...]:
     raw = root.get("models")
     if raw is None:
         p.add("models", "required: at least one [[models]] table with provider and model")
@@ -325,18 +129,18 @@ def _models(root: Mapping[str, Any], p: _Problems) -> tuple[ModelSpec, ...]:
     specs = []
     for i, m in enumerate(raw):
         w = f"models[{i}]."
-        _check_keys(m, _MODEL_KEYS, w, p)
-        price_in = _get(m, "price_input_per_million", float, w, p, positive=False)
-        price_out = _get(m, "price_output_per_million", float, w, p, positive=False)
+        check_keys(m, _MODEL_KEYS, w, p)
+        price_in = get(m, "price_input_per_million", float, w, p, positive=False)
+        price_out = get(m, "price_output_per_million", float, w, p, positive=False)
         for key, price in (("price_input_per_million", price_in), ("price_output_per_million", price_out)):
             if price is not None and price < 0:
                 p.add(w + key, f"expected zero or more, got {price!r}")
         spec = ModelSpec(
-            provider=_get(m, "provider", str, w, p, "openrouter"),
-            model=_get(m, "model", str, w, p, "", required=True),
-            requests_per_minute=_get(m, "requests_per_minute", int, w, p),
-            tokens_per_minute=_get(m, "tokens_per_minute", int, w, p),
-            context_window=_get(m, "context_window", int, w, p),
+            provider=get(m, "provider", str, w, p, "openrouter"),
+            model=get(m, "model", str, w, p, "", required=True),
+            requests_per_minute=get(m, "requests_per_minute", int, w, p),
+            tokens_per_minute=get(m, "tokens_per_minute", int, w, p),
+            context_window=get(m, "context_window", int, w, p),
             price_input_per_million=price_in,
             price_output_per_million=price_out,
         )
@@ -347,20 +151,20 @@ def _models(root: Mapping[str, Any], p: _Problems) -> tuple[ModelSpec, ...]:
     return tuple(specs)
 
 
-def _providers(root: Mapping[str, Any], models: tuple[ModelSpec, ...], p: _Problems) -> dict[str, ProviderSpec]:
-    raw = _table(root, "providers", p)
+def _providers(root: Mapping[str, Any], models: tuple[ModelSpec, ...], p: Problems) -> dict[str, ProviderSpec]:
+    raw = table(root, "providers", p)
     providers: dict[str, ProviderSpec] = {}
     for name, builtin in BUILTIN_PROVIDERS.items():
         providers[name] = ProviderSpec(name=name, **builtin)
-    for name, table in raw.items():
+    for name, given in raw.items():
         w = f"providers.{name}."
-        if not isinstance(table, dict):
+        if not isinstance(given, dict):
             p.add(f"providers.{name}", "expected a table")
             continue
-        _check_keys(table, ("base_url", "api_key_env", "headers"), w, p)
+        check_keys(given, ("base_url", "api_key_env", "headers"), w, p)
         old = providers.get(name)
-        base_url = _get(table, "base_url", str, w, p, old.base_url if old else None, required=old is None)
-        headers = table.get("headers", old.headers if old else {})
+        base_url = get(given, "base_url", str, w, p, old.base_url if old else None, required=old is None)
+        headers = given.get("headers", old.headers if old else {})
         if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
             p.add(w + "headers", "expected a table of header names to strings")
             headers = {}
@@ -369,7 +173,7 @@ def _providers(root: Mapping[str, Any], models: tuple[ModelSpec, ...], p: _Probl
         providers[name] = ProviderSpec(
             name=name,
             base_url=(base_url or "").rstrip("/"),
-            api_key_env=_get(table, "api_key_env", str, w, p, old.api_key_env if old else None),
+            api_key_env=get(given, "api_key_env", str, w, p, old.api_key_env if old else None),
             headers=dict(headers),
         )
     for i, m in enumerate(models):
@@ -387,22 +191,22 @@ _RUN_KEYS = tuple(f for f in RunSpec.__dataclass_fields__)
 _CHOICES = {"on_bad_row": ON_BAD_ROW, "cache": CACHE_MODES}
 
 
-def _run(raw: dict[str, Any], base: Path, p: _Problems) -> RunSpec:
+def _run(raw: dict[str, Any], base: Path, p: Problems) -> RunSpec:
     """Every [run] key is read as its RunSpec field is typed, with the field's default."""
     w = "run."
-    _check_keys(raw, _RUN_KEYS, w, p)
+    check_keys(raw, _RUN_KEYS, w, p)
     d = RunSpec()
     values: dict[str, Any] = {}
     for name, hint in get_type_hints(RunSpec).items():
         kind = next(t for t in (get_args(hint) or (hint,)) if t is not type(None))  # X | None -> X
         default = getattr(d, name)
         if name in _CHOICES:
-            values[name] = _choice(raw, name, _CHOICES[name], w, p, default)
+            values[name] = choice(raw, name, _CHOICES[name], w, p, default)
         elif kind is Path:  # relative to the job file
-            given = _get(raw, name, str, w, p)
+            given = get(raw, name, str, w, p)
             values[name] = (base / Path(given).expanduser()).resolve() if given else default
         else:
-            values[name] = _get(raw, name, kind, w, p, default)
+            values[name] = get(raw, name, kind, w, p, default)
     return RunSpec(**values)
 
 
@@ -429,11 +233,11 @@ SIM_KEYS: dict[str, type] = {
 }
 
 
-def _sim(raw: dict[str, Any], p: _Problems) -> SimSpec:
-    _check_keys(raw, tuple(SIM_KEYS), "sim.", p)
+def _sim(raw: dict[str, Any], p: Problems) -> SimSpec:
+    check_keys(raw, tuple(SIM_KEYS), "sim.", p)
     options: dict[str, Any] = {}
     for key, kind in SIM_KEYS.items():
-        value = _get(raw, key, kind, "sim.", p, positive=False)
+        value = get(raw, key, kind, "sim.", p, positive=False)
         if value is not None:
             options[key] = tuple(value) if kind is list else value
     for name, prob in (options.get("faults") or {}).items():
@@ -451,19 +255,19 @@ _FORMAT_KEYS = ("labels", "normalize", "json_schema", "json_schema_file", "regex
 RESPONSE_FORMATS = ("auto", "json_schema", "json_object", "none")
 
 
-def _output_format(raw: dict[str, Any], base: Path, p: _Problems) -> OutputFormatSpec | None:
+def _output_format(raw: dict[str, Any], base: Path, p: Problems) -> OutputFormatSpec | None:
     if not raw:
         return None
     w = "output_format."
-    _check_keys(raw, _FORMAT_KEYS, w, p)
+    check_keys(raw, _FORMAT_KEYS, w, p)
     given = [k for k in ("labels", "json_schema", "json_schema_file", "regex") if k in raw]
     if len(given) != 1:
         p.add("output_format", "set exactly one of labels (a list), json_schema (a table), json_schema_file "
               f"(a path) or regex (a string); got {', '.join(given) or 'none'}")
         return None
     kind = "json_schema" if given[0] == "json_schema_file" else given[0]
-    labels = tuple(_get(raw, "labels", list, w, p, []))
-    normalize = tuple(_get(raw, "normalize", list, w, p, ["strip", "casefold"]))
+    labels = tuple(get(raw, "labels", list, w, p, []))
+    normalize = tuple(get(raw, "normalize", list, w, p, ["strip", "casefold"]))
     for step in normalize:
         if step not in NORMALIZERS:
             close = difflib.get_close_matches(step, list(NORMALIZERS), n=1)
@@ -478,7 +282,7 @@ def _output_format(raw: dict[str, Any], base: Path, p: _Problems) -> OutputForma
             p.add(w + "labels", f"two labels are the same after normalize {list(normalize)}: {list(labels)}")
     schema = raw.get("json_schema")
     if "json_schema_file" in raw:
-        name = _get(raw, "json_schema_file", str, w, p)
+        name = get(raw, "json_schema_file", str, w, p)
         if name is not None:
             path = (base / name).resolve()
             try:
@@ -490,19 +294,19 @@ def _output_format(raw: dict[str, Any], base: Path, p: _Problems) -> OutputForma
     if kind == "json_schema" and schema is not None:
         for problem in schema_problems(schema, w + "json_schema"):
             p.add(problem.split(":", 1)[0], problem.split(":", 1)[1].strip())
-    regex = _get(raw, "regex", str, w, p)
+    regex = get(raw, "regex", str, w, p)
     if regex is not None:
         try:
             re.compile(regex)
         except re.error as exc:
             p.add(w + "regex", f"not a valid regular expression: {exc}")
-    mode = _choice(raw, "response_format", RESPONSE_FORMATS, w, p, "auto")
+    mode = choice(raw, "response_format", RESPONSE_FORMATS, w, p, "auto")
     if mode in ("json_schema", "json_object") and kind != "json_schema":
         p.add(w + "response_format", f"{mode!r} needs a json_schema; labels and regex are checked after")
     return OutputFormatSpec(
         kind=kind, labels=labels, normalize=normalize, json_schema=schema if isinstance(schema, dict) else None,
-        regex=regex, max_repairs=_get(raw, "max_repairs", int, w, p, 2, positive=False),
-        response_format=mode, instruct=_get(raw, "instruct", bool, w, p, True),
+        regex=regex, max_repairs=get(raw, "max_repairs", int, w, p, 2, positive=False),
+        response_format=mode, instruct=get(raw, "instruct", bool, w, p, True),
     )
 
 
@@ -511,20 +315,20 @@ _TOP_KEYS = ("input", "output", "request", "models", "providers", "run", "sim", 
 
 def parse_job(data: Mapping[str, Any], source: Path) -> Job:
     """Validate an already-parsed TOML document; ``source`` anchors relative paths."""
-    p = _Problems(source)
-    _check_keys(data, _TOP_KEYS, "", p)
+    p = Problems(source)
+    check_keys(data, _TOP_KEYS, "", p)
     base = source.parent
-    inp = _input(_table(data, "input", p), base, p)
-    out = _output(_table(data, "output", p), base, p)
-    request = _table(data, "request", p)
+    inp = _input(table(data, "input", p), base, p)
+    out = _output(table(data, "output", p), base, p)
+    request = table(data, "request", p)
     for reserved in ("model", "messages", "stream"):
         if reserved in request:
             p.add(f"request.{reserved}", "set by batch; choose models in [[models]] and prompts in [input]")
     models = _models(data, p)
     providers = _providers(data, models, p)
-    run = _run(_table(data, "run", p), base, p)
-    sim = _sim(_table(data, "sim", p), p)
-    output_format = _output_format(_table(data, "output_format", p), base, p)
+    run = _run(table(data, "run", p), base, p)
+    sim = _sim(table(data, "sim", p), p)
+    output_format = _output_format(table(data, "output_format", p), base, p)
     if (output_format is not None and output_format.kind == "json_schema"
             and output_format.response_format != "none" and "response_format" in request):
         p.add("request.response_format", "set by [output_format]; remove one of them "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Never, TextIO
 
 from tqdm import tqdm
 
@@ -33,7 +33,7 @@ class Progress:
         self.quiet = quiet
         self.started = time.monotonic()
         self._last_log = self.started
-        self._bar: tqdm | None = None  # type: ignore[type-arg]
+        self._bar: tqdm[Never] | None = None
         if not quiet and self.stream.isatty():
             self._bar = tqdm(total=total, unit="row", file=self.stream, dynamic_ncols=True, smoothing=0.1)
 

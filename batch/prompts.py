@@ -39,7 +39,7 @@ class Request(NamedTuple):
     """
 
     id: str
-    index: int
+    row: int  # the row's 0-based position in the input
     tail: bytes  # the JSON body without its opening brace and without "model"
     prompt_tokens: int  # estimated
     request_hash: str

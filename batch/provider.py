@@ -271,9 +271,8 @@ def retry_after(headers: Mapping[str, str], err: Mapping[str, Any], message: str
     avail = err.get("availability")
     if isinstance(avail, dict) and isinstance(avail.get("retry_after"), (int, float)):
         return float(avail["retry_after"])
-    resets = [parse_duration(headers[h]) for h in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
-              if h in headers]
-    resets = [r for r in resets if r is not None]
+    resets = [r for h in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+              if h in headers and (r := parse_duration(headers[h])) is not None]
     if resets:
         return max(resets)
     if m := _TRY_AGAIN_RE.search(message):

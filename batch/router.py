@@ -11,14 +11,14 @@ For each model of the chain in order, up to ``max_attempts`` attempts:
 - ``FatalError`` (bad key, no credits): stop the run; the row gets *no*
   result, so a resume redoes it.
 
-A ``Breaker`` per model skips a model that keeps failing for a cool-down and
-then lets one probe through. This module consumes ProviderErrors; it never
-raises them. ``RunStopped`` tells the worker to drop the row unrecorded.
+A ``Breaker`` per model (batch/breaker.py) skips a model that keeps failing
+for a cool-down and then lets one probe through; ``Budget`` (batch/budget.py)
+holds the cost cap; ``Repairs`` (batch/repair.py) asks again when an answer
+fails [output_format]. This module consumes ProviderErrors; it never raises
+them. ``RunStopped`` tells the worker to drop the row unrecorded.
 
-With a response cache, a row is first looked up under each model of its
-chain, in order; a hit is an ``ok`` row with ``cached`` set, no request and
-zero cost. In replay mode a miss is an ``error`` row (``cache_miss``) and
-nothing is ever sent.
+With a response cache, a row is first looked up (batch/lookup.py): a hit is
+an ``ok`` row with no request; in replay mode a miss is a ``cache_miss`` row.
 """
 
 from __future__ import annotations
@@ -28,105 +28,27 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NoReturn
 
 import aiohttp
 import orjson
 
 from batch.answers import Checker
-from batch.cache import ResponseCache, cache_key
+from batch.breaker import Breaker
+from batch.budget import Budget
+from batch.cache import ResponseCache
 from batch.errors import FallbackError, FatalError, ProviderError, RateLimited, RejectedError, TransientError
 from batch.limits import ModelLimiter
+from batch.lookup import first_keys, from_cache, looks_up, miss_message
 from batch.prompts import Request
-from batch.provider import Endpoint, Reply, reply_from_body, send
+from batch.provider import Endpoint, Reply, send
+from batch.repair import Repairs
+from batch.result import Result, error_result, result_row
 from batch.stats import ModelStats
 
 
 class RunStopped(Exception):
     """The run is stopping (fatal provider error, budget): leave the row for a resume."""
-
-
-class Result(NamedTuple):
-    """One output row; field names are the output columns.
-
-    A NamedTuple rather than a frozen dataclass: it is built once per row on
-    the hot path (about 4x cheaper to construct) and the sink transposes a
-    part's rows into columns with one ``zip(*rows)``.
-    """
-
-    id: str
-    status: str  # "ok" | "error"
-    output: str | None
-    parsed: Any  # the checked answer ([output_format]): a label, a dict for a struct, a regex capture
-    finish_reason: str | None
-    model: str | None
-    provider: str | None
-    fallback_level: int | None
-    attempts: int
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    cached_tokens: int | None
-    reasoning_tokens: int | None
-    cost_usd: float | None
-    cost_source: str | None  # "provider" | "price_table" | "cache" | None
-    latency_ms: float | None
-    error_type: str | None
-    error_message: str | None
-    request_hash: str
-    cached: bool  # answered from the response cache: no request, no cost
-    response_body: bytes | None  # the reply's JSON body (output.raw_response), else None
-    keep: tuple[Any, ...]
-
-
-class Breaker:
-    """Consecutive-failure circuit breaker with a single half-open probe.
-
-    closed --(``threshold`` consecutive failures)--> open --(cool-down)-->
-    half-open: one probe goes through; success closes, failure reopens.
-    """
-
-    def __init__(self, threshold: int, cooldown: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.threshold = threshold
-        self.cooldown = cooldown
-        self.clock = clock
-        self.failures = 0
-        self.open_until = 0.0
-        self.probing = False
-        self.opened = 0  # how many times it opened; for stats and tests
-        self.last_error = ""
-
-    @property
-    def is_open(self) -> bool:
-        return self.failures >= self.threshold
-
-    def allow(self) -> bool:
-        """May a request go to this model now? Claims the probe when half-open."""
-        if self.failures < self.threshold:
-            return True
-        if self.probing or self.clock() < self.open_until:
-            return False
-        self.probing = True
-        return True
-
-    def success(self) -> None:
-        self.failures = 0
-        self.probing = False
-
-    def failure(self, error: ProviderError | None = None) -> None:
-        if error is not None:
-            self.last_error = str(error)
-        self.failures += 1
-        if self.failures >= self.threshold and (self.probing or self.failures == self.threshold):
-            self.open_until = self.clock() + self.cooldown
-            self.opened += 1
-        self.probing = False
-
-    def release(self) -> None:
-        """A probe ended without a verdict (e.g. rate limited): let another probe."""
-        self.probing = False
-
-    def seconds_to_probe(self) -> float:
-        return max(0.05, self.open_until - self.clock())
 
 
 @dataclass(slots=True)
@@ -185,34 +107,6 @@ class Policy:
     keep_response_body: bool = False  # output.raw_response
 
 
-class Budget:
-    """``max_cost_usd``: each request reserves its worst case before it is sent.
-
-    Worst case = estimated prompt tokens x input price + max_tokens x output
-    price. The reply's real cost replaces the reservation, so the run never
-    spends past the cap by more than what was already in flight.
-    """
-
-    def __init__(self, max_usd: float | None, *, spent: float = 0.0) -> None:
-        self.max_usd = max_usd
-        self.spent = spent  # earlier runs of the same output count: the cap is for the whole job
-        self.reserved = 0.0
-
-    def reserve(self, amount: float) -> bool:
-        if self.max_usd is None:
-            return True
-        if self.spent + self.reserved + amount > self.max_usd:
-            return False
-        self.reserved += amount
-        return True
-
-    def settle(self, reserved: float, actual: float | None) -> None:
-        if self.max_usd is None:
-            return
-        self.reserved -= reserved
-        self.spent += actual or 0.0
-
-
 class _Row:
     """What one row has spent so far across attempts and models, and its last checked answer."""
 
@@ -259,12 +153,14 @@ class Router:
         chain = self._chain(req)
         cache = self.cache
         keys: list[bytes] = []  # the row's cache key per model of its chain, once looked up
-        if cache is not None and self._looks_up(req, cache):
-            hit = self._from_cache(req, chain, cache, keys)
+        if cache is not None and looks_up(req, cache):
+            hit = from_cache(req, chain, cache, keys, checker=self.checker,
+                             length_is_failure=self.policy.length_is_failure,
+                             keep_body=self.policy.keep_response_body)
             if hit is not None:
                 return hit
             if not cache.writable:
-                return error_result(req, "cache_miss", _miss_message(req, cache), attempts=0)
+                return error_result(req, "cache_miss", miss_message(req, cache), attempts=0)
         row = _Row()
         last: ProviderError | None = None
         final = len(chain) - 1
@@ -283,57 +179,11 @@ class Router:
 
     def prefetch(self, reqs: Sequence[Request]) -> None:
         """Look up a batch of rows' first-choice cache keys in one go (the reader calls this per batch)."""
-        cache = self.cache
-        if cache is None:
-            return
-        keys = []
-        for req in reqs:
-            if req.problem is None and self._looks_up(req, cache):
-                t = self._chain(req)[0]
-                keys.append(cache_key(t.cache_salt, req.body_for(t.prefix)))
-        if keys:
-            cache.prefetch(keys)
+        if self.cache is not None and (keys := first_keys(reqs, self._chain, self.cache)):
+            self.cache.prefetch(keys)
 
     def _chain(self, req: Request) -> list[Target]:
         return self.targets if req.model is None else self.row_chains.get(req.model, self.targets)
-
-    @staticmethod
-    def _looks_up(req: Request, cache: ResponseCache) -> bool:
-        """Read-write looks up only what it may store; replay looks up everything (it sends nothing)."""
-        return req.cacheable or not cache.writable
-
-    def _from_cache(self, req: Request, chain: Sequence[Target], cache: ResponseCache,
-                    keys: list[bytes]) -> Result | None:
-        """The first model of the chain whose answer to this exact request is stored.
-
-        Fills ``keys`` with the row's key for every model of the chain, so a miss stores its
-        answer without hashing the body again.
-        """
-        final = len(chain) - 1
-        keys.extend(cache_key(t.cache_salt, req.body_for(t.prefix)) for t in chain)
-        for level, t in enumerate(chain):
-            raw = cache.get(keys[level])
-            if raw is None:
-                continue
-            try:
-                reply = reply_from_body(raw, t.model)
-            except ProviderError:
-                continue  # stored by another version or damaged: as if absent
-            if self.policy.length_is_failure and reply.finish_reason == "length" and level < final:
-                continue
-            parsed = None
-            if self.checker is not None:
-                parsed, problem = self.checker.check(reply.text)
-                if problem is not None:
-                    continue  # stored by a job with another output_format: not an answer for this one
-            cache.hits += 1
-            t.stats.cache_hits += 1
-            return Result(req.id, "ok", reply.text, parsed, reply.finish_reason, reply.model, t.provider, level, 0,
-                          reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens,
-                          reply.reasoning_tokens, 0.0, "cache", None, None, None, req.request_hash, True,
-                          raw if self.policy.keep_response_body else None, req.keep)
-        cache.misses += 1
-        return None
 
     async def _attempts(self, req: Request, t: Target, row: _Row, last: ProviderError | None, *,
                         is_last: bool) -> tuple[Reply | None, ProviderError | None]:
@@ -343,9 +193,9 @@ class Router:
         (success, failure, or release for outcomes that say nothing of health).
         """
         p = self.policy
-        tries = waits = repairs = 0
+        tries = waits = 0
         body = req.body_for(t.prefix)
-        conversation: dict[str, Any] | None = None  # the request as a dict, once a repair needs it
+        repairs = Repairs(self.checker, self.max_repairs, req) if self.checker is not None else None
         while tries < p.max_attempts:
             self._check_stop()
             if p.spill_on_rate_limit and not is_last and t.limiter.paused:
@@ -358,69 +208,88 @@ class Router:
             try:
                 reply = await self._send(req, t, body, row)
             except RateLimited as e:
-                t.breaker.release()
-                t.stats.rate_limited += 1
-                t.limiter.refund(req.prompt_tokens + (req.max_tokens or p.max_tokens))
-                wait = e.retry_after if e.retry_after is not None else self._backoff(waits)
-                t.limiter.on_rate_limited(wait, e.scope, e.limit_requests, e.limit_tokens)
-                waits += 1
-                last = e
-                if waits > p.max_rate_limit_waits or (p.spill_on_rate_limit and not is_last):
-                    t.stats.errors[e.kind] += 1
+                last, waits = e, waits + 1
+                if self._rate_limited(t, req, e, waits, is_last):
                     return None, e
                 continue
             except TransientError as e:
-                t.breaker.failure(e)
-                self._failed(t, e, row)
-                tries += 1
-                last = e
-                if tries < p.max_attempts:
-                    t.stats.retries += 1
-                    await asyncio.sleep(self._backoff(tries - 1, e.retry_after))
+                last, tries = e, tries + 1
+                await self._transient(t, e, row, tries)
                 continue
             except (FallbackError, RejectedError) as e:
                 t.breaker.release()
                 self._failed(t, e, row)
                 return None, e
             except FatalError as e:
-                t.breaker.release()
-                t.stats.errors[e.kind] += 1
-                self.stopping = True
-                self._opened.set()
-                self.on_fatal(e)
-                raise RunStopped(str(e)) from None
+                self._fatal(t, e)
             except BaseException:
                 t.breaker.release()
                 raise
-            t.breaker.success()
-            self.last_success = time.monotonic()
-            self.failures_since_success = 0
+            self._succeeded(t)
             if p.length_is_failure and reply.finish_reason == "length" and not is_last:
-                e = FallbackError("answer cut at max_tokens", model=t.model, kind="truncated")
-                self._failed(t, e, row, reply)
-                return None, e
-            if self.checker is None:
+                cut = FallbackError("answer cut at max_tokens", model=t.model, kind="truncated")
+                self._failed(t, cut, row, reply)
+                return None, cut
+            if repairs is None:
                 return reply, last
-            row.parsed, problem = self.checker.check(reply.text)
-            if problem is None:
-                return reply, last
-            if reply.finish_reason == "length":
-                problem += " (the answer was cut at max_tokens: a larger [request] max_tokens may fix this)"
-            t.stats.invalid_outputs += 1
-            row.invalid_answer = reply.text
-            if repairs >= self.max_repairs:
-                e = FallbackError(f"invalid output after {repairs} repairs: {problem}", model=t.model,
-                                  kind="invalid_output")
-                self._failed(t, e, row, reply)
-                return None, e
-            repairs += 1
-            t.stats.repairs += 1
-            self._charge(t, row, reply)  # an invalid answer is billed like any other
-            if conversation is None:
-                conversation = orjson.loads(b"{" + req.tail)
-            conversation["messages"] = [*conversation["messages"], *self.checker.repair_messages(reply.text, problem)]
-            body = t.prefix + orjson.dumps(conversation)[1:]
+            next_body, invalid = self._judge(t, reply, row, repairs)
+            if next_body is None:
+                return (reply, last) if invalid is None else (None, invalid)
+            body = next_body
         return None, last
+
+    def _rate_limited(self, t: Target, req: Request, e: RateLimited, waits: int, is_last: bool) -> bool:
+        """A 429: give the request's budget back and pause the model. True: stop waiting for this model."""
+        p = self.policy
+        t.breaker.release()
+        t.stats.rate_limited += 1
+        t.limiter.refund(req.prompt_tokens + (req.max_tokens or p.max_tokens))
+        wait = e.retry_after if e.retry_after is not None else self._backoff(waits - 1)
+        t.limiter.on_rate_limited(wait, e.scope, e.limit_requests, e.limit_tokens)
+        if waits > p.max_rate_limit_waits or (p.spill_on_rate_limit and not is_last):
+            t.stats.errors[e.kind] += 1
+            return True
+        return False
+
+    async def _transient(self, t: Target, e: TransientError, row: _Row, tries: int) -> None:
+        """A failure worth retrying: count it, then back off unless the attempts are used up."""
+        t.breaker.failure(e)
+        self._failed(t, e, row)
+        if tries < self.policy.max_attempts:
+            t.stats.retries += 1
+            await asyncio.sleep(self._backoff(tries - 1, e.retry_after))
+
+    def _fatal(self, t: Target, e: FatalError) -> NoReturn:
+        """The key or account is unusable: stop the whole run, leaving this row for the resume."""
+        t.breaker.release()
+        t.stats.errors[e.kind] += 1
+        self.stopping = True
+        self._opened.set()
+        self.on_fatal(e)
+        raise RunStopped(str(e)) from None
+
+    def _succeeded(self, t: Target) -> None:
+        t.breaker.success()
+        self.last_success = time.monotonic()
+        self.failures_since_success = 0
+
+    def _judge(self, t: Target, reply: Reply, row: _Row, repairs: Repairs
+               ) -> tuple[bytes | None, ProviderError | None]:
+        """Check an answer against [output_format]: (None, None) when valid; else the repair
+        request to send next, or (None, error) when the repairs at this model are used up."""
+        row.parsed, problem = repairs.judge(reply.text, reply.finish_reason)
+        if problem is None:
+            return None, None
+        t.stats.invalid_outputs += 1
+        row.invalid_answer = reply.text
+        if repairs.exhausted:
+            e = FallbackError(f"invalid output after {repairs.count} repairs: {problem}", model=t.model,
+                              kind="invalid_output")
+            self._failed(t, e, row, reply)
+            return None, e
+        t.stats.repairs += 1
+        self._charge(t, row, reply)  # an invalid answer is billed like any other
+        return repairs.next_body(t.prefix, reply.text, problem), None
 
     async def _send(self, req: Request, t: Target, body: bytes, row: _Row) -> Reply:
         """One attempt: the slow-start gate, the model's budgets, then the HTTP call."""
@@ -459,17 +328,22 @@ class Router:
                 raise
             if budget.max_usd is not None:
                 budget.settle(worst, t.cost_of(reply)[0])
-            if (r := reply.rate) is not None:
-                limiter.observe(r.limit_requests, r.limit_tokens, r.remaining_requests, r.remaining_tokens,
-                                r.reset_requests, r.reset_tokens)
-            used = reply.prompt_tokens + reply.completion_tokens
-            limiter.admitted(used)
-            if limiter.limited:
-                limiter.settle(reserved, used)
+            self._steer(limiter, reply, reserved)
             return reply
         finally:
             if first and not self.stopping:
                 self._opened.set()
+
+    @staticmethod
+    def _steer(limiter: ModelLimiter, reply: Reply, reserved: int) -> None:
+        """Tell the model's limiter what the reply said about the provider's limits and usage."""
+        if (r := reply.rate) is not None:
+            limiter.observe(r.limit_requests, r.limit_tokens, r.remaining_requests, r.remaining_tokens,
+                            r.reset_requests, r.reset_tokens)
+        used = reply.prompt_tokens + reply.completion_tokens
+        limiter.admitted(used)
+        if limiter.limited:
+            limiter.settle(reserved, used)
 
     def _failed(self, t: Target, e: ProviderError, row: _Row, reply: Reply | None = None) -> None:
         t.stats.errors[e.kind] += 1
@@ -513,24 +387,5 @@ class Router:
         s.latencies.append(reply.latency_ms)
         if reply.model != t.model:  # OpenRouter's own fallback (server_fallback) answered
             level = next((j for j, x in enumerate(chain) if x.model == reply.model), level)
-        return Result(req.id, "ok", reply.text, row.parsed, reply.finish_reason, reply.model, t.provider, level,
-                      row.sent, reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens,
-                      reply.reasoning_tokens, cost, source,
-                      round(reply.latency_ms, 3), None, None, req.request_hash, False,
-                      reply.raw if self.policy.keep_response_body else None, req.keep)
-
-
-def _miss_message(req: Request, cache: ResponseCache) -> str:
-    why = "" if req.cacheable else (
-        "; it is not deterministic (no temperature 0 and no seed), so a read-write run stores it only with "
-        "run.cache_nondeterministic = true")
-    return (f"not in the response cache {cache.path} (run.cache = \"replay\" sends nothing): this exact request "
-            f"(model, messages, request fields) was never recorded, or it changed since. Record it with "
-            f"--cache read-write{why}")
-
-
-def error_result(req: Request, kind: str, message: str, *, attempts: int, level: int | None = None,
-                 model: str | None = None, charged: float = 0.0, output: str | None = None) -> Result:
-    return Result(req.id, "error", output, None, None, model or None, None, level, attempts, None, None, None, None,
-                  charged or None, "provider" if charged else None, None, kind, message, req.request_hash,
-                  False, None, req.keep)
+        return result_row(req, attempts=row.sent, reply=reply, provider=t.provider, level=level, parsed=row.parsed,
+                          cost=cost, cost_source=source, keep_body=self.policy.keep_response_body)

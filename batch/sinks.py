@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from batch.atomic import fsync_dir, replacing, write_atomic
 from batch.errors import OutputError
-from batch.router import Result
+from batch.result import Result
 
 RESULTS_DIR = "results"
 MANIFEST = "manifest.json"

@@ -94,7 +94,7 @@ def read_batches(path: Path, fmt: str, columns: Sequence[str], on_bad_line: BadL
 
 def _open_text(path: Path) -> IO[bytes]:
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.open(path, "rb")  # type: ignore[return-value]  # a GzipFile is a binary IO
     return open(path, "rb")
 
 

@@ -60,7 +60,7 @@ def _tiktoken_cached() -> bool:
 def load_counter() -> TokenCounter:
     """tiktoken's cl100k_base when installed and cached locally (``pip install batch[tokens]``), else the heuristic."""
     try:
-        import tiktoken  # type: ignore[import-not-found]
+        import tiktoken
     except ImportError:
         return HEURISTIC
     if not _tiktoken_cached():

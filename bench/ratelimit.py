@@ -127,13 +127,13 @@ def run(sc: Scenario, minutes: float) -> dict[str, object]:
         return total * 60 / seconds
     limit = sc.sim_rpm or sc.sim_tpm
     assert limit is not None
-    peak = stats["peak_requests_window"] if sc.sim_rpm else stats["peak_tokens_window"]
+    peak = stats["peaks"]["requests" if sc.sim_rpm else "tokens"]["60"]
     return {
         "scenario": sc.name, "exit": proc.returncode, "wall_s": round(wall),
         "limit": limit, "job_limit": sc.job_rpm or sc.job_tpm,
         "achieved_%": round(100 * rate(adm, span) / limit, 1),
         "after_1min_%": round(100 * rate(late, late_span) / limit, 1) if late else None,
-        "peak_window": peak, "peak_offered_req": stats["peak_offered_window"],
+        "peak_window": peak, "peak_offered_req": stats["peaks"]["offered"]["60"],
         "429_%": round(100 * stats["rate_limited"] / max(1, stats["requests"]), 2),
         "429_after_1min_%": round(100 * sum(1 for t in stats["refusals"] if t >= t_first + 60)
                                   / max(1, sum(1 for a in adm if a[0] >= t_first + 60)

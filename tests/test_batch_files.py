@@ -15,7 +15,8 @@ from batch.errors import JobError
 from batch.job import load_job
 from batch.plan import fingerprint
 from batch.prompts import PromptBuilder
-from batch.sim import SimThread, answer_for, truncate
+from batch.sim import SimThread
+from batch.sim_answers import answer_for, truncate
 from batch.sources import MISSING, RowBatch
 from tests.conftest import run_cli, write_job, write_jsonl
 

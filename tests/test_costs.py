@@ -114,10 +114,10 @@ def test_stats_written_by_an_earlier_version_gain_the_new_columns(tmp_path: Path
     from batch.stats import STATS_SCHEMA, ModelStats, append_stats, stats_rows
 
     old_schema = pa.schema([f for f in STATS_SCHEMA if f.name not in ("cache_hits", "repairs", "invalid_outputs")])
-    old_row = stats_rows("old-run", {("p", "m"): ModelStats("p:m").freeze(1.0)})[0]
+    old_row = stats_rows("old-run", {("p", "m"): ModelStats(label="p:m").freeze(1.0)})[0]
     pq.write_table(pa.Table.from_pylist([{k: old_row[k] for k in old_schema.names}], schema=old_schema),
                    tmp_path / "stats.parquet")
-    fresh = ModelStats("p:m")
+    fresh = ModelStats(label="p:m")
     fresh.cache_hits = 7
     append_stats(tmp_path, stats_rows("new-run", {("p", "m"): fresh.freeze(1.0)}))
     table = pq.read_table(tmp_path / "stats.parquet")

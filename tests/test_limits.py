@@ -177,7 +177,7 @@ class TestAgainstTheSimulator:
                         models=[{"provider": "local", "model": "m", "requests_per_minute": 900}])
         assert run_cli("run", str(job), "--quiet").returncode == 0
         assert sim.counters.rate_limited == 0
-        assert sim.counters.peak_offered_window <= 900
+        assert sim.counters.peak("offered", 60) <= 900
 
     def test_header_limit_below_the_jobs_is_adopted(self, tmp_path: Path, sim_factory: Factory) -> None:
         """Job says 3,000 rpm, the provider's headers say 600: batch slows to 600 before a 429 storm."""
@@ -186,7 +186,7 @@ class TestAgainstTheSimulator:
                         models=[{"provider": "local", "model": "m", "requests_per_minute": 3000}])
         assert run_cli("run", str(job), "--quiet").returncode == 0
         assert sim.counters.rate_limited == 0
-        assert sim.counters.peak_offered_window <= 600
+        assert sim.counters.peak("offered", 60) <= 600
 
     def test_rate_limited_rows_wait_for_their_model(self, tmp_path: Path, sim_factory: Factory) -> None:
         """By default a 429 is not a failure: every row is answered by the primary, none spills."""

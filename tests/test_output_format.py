@@ -15,7 +15,8 @@ from batch.answers import make_checker, resolve_response_format, schema_problems
 from batch.catalog import facts_for
 from batch.errors import JobError
 from batch.job import load_job
-from batch.sim import SimThread, instance_of
+from batch.sim import SimThread
+from batch.sim_answers import instance_of
 from tests.conftest import ROOT, run_cli, write_job, write_jsonl
 
 LABELS = ["positive", "negative", "neutral"]

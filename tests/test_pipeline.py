@@ -8,7 +8,8 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 
-from batch.sim import SimThread, answer_for, truncate
+from batch.sim import SimThread
+from batch.sim_answers import answer_for, truncate
 from tests.conftest import run_cli, write_job, write_jsonl
 
 ROWS = 3000

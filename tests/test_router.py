@@ -10,8 +10,9 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 
-from batch.router import Breaker
-from batch.sim import SimThread, prompt_key
+from batch.breaker import Breaker
+from batch.sim import SimThread
+from batch.sim_answers import prompt_key
 from tests.conftest import TEST_KEY, run_cli, write_job, write_jsonl
 
 Factory = Callable[..., SimThread]

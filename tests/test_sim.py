@@ -8,7 +8,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from batch.sim import SimConfig, Simulator, answer_for, count_tokens, truncate
+from batch.sim import SimConfig, Simulator
+from batch.sim_answers import answer_for, count_tokens, truncate
 
 
 async def post(url: str, payload: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:

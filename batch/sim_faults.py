@@ -1,0 +1,138 @@
+"""The simulator's failures: models that cannot answer, and injected faults.
+
+``unavailable`` answers what a provider says before a model runs: retired
+(404 ``model_deprecated`` with OpenRouter's ``availability`` object), missing
+(404 ``model_not_found``), down for a while (503), a ``response_format`` the
+model refuses (400), a prompt over its context window (400
+``context_length_exceeded``).
+
+``pick_fault`` chooses an injected fault from a hash of (seed, prompt, how
+often that prompt was seen), by probability or by a per-model schedule, so a
+row meets the same faults whatever order requests arrive in; ``inject``
+produces it on the wire (see ``batch.catalog.SIM_FAULTS`` for the kinds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from batch.sim_answers import usage_for
+
+
+def error_response(status: int, message: str, code: Any, headers: Mapping[str, str] | None = None,
+                   **extra: Any) -> web.Response:
+    """An error in the providers' shape: ``{"error": {"code", "message", ...}}``."""
+    body = {"error": {"code": code, "message": message, **extra}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
+                        headers=headers)
+
+
+def fault_draw(seed: int, key: str, nth: int) -> float:
+    """A uniform number in [0, 1) from (seed, prompt, nth request of that prompt)."""
+    h = hashlib.blake2b(f"{seed}:{key}:{nth}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
+def pick_fault(faults: Mapping[str, float], schedule: Mapping[str, list[str]], seed: int, model: str,
+               key: str, nth: int) -> tuple[str | None, float | None]:
+    """The fault the nth request of a prompt meets, and its argument (a Retry-After), if any."""
+    plan = schedule.get(model) or schedule.get("*")
+    if plan is not None and nth < len(plan):
+        kind, _, arg = plan[nth].partition(":")
+        return (None if kind == "ok" else kind), (float(arg) if arg else None)
+    if faults:
+        u = fault_draw(seed, key, nth)
+        for kind, p in faults.items():
+            if u < p:
+                return kind, None
+            u -= p
+    return None, None
+
+
+def unavailable(model: str, *, retired: bool, exists: bool, down: bool, formats: tuple[str, ...],
+                window: int, messages: list[dict[str, Any]], body: Mapping[str, Any]) -> web.Response | None:
+    """What a provider answers before the model runs, or None when the model can take the request."""
+    if retired:
+        return error_response(404, f"{model} has been retired", 404, availability={
+            "code": "model_deprecated", "retryable": False, "requested_models": [model]})
+    if not exists:
+        return error_response(404, f"model {model} does not exist", 404, availability={
+            "code": "model_not_found", "retryable": False, "requested_models": [model]})
+    if down:
+        return error_response(503, f"{model} is down", 503, headers={"Retry-After": "0"},
+                              metadata={"error_type": "provider_unavailable"})
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (*formats, "text"):
+        return error_response(400, f"Invalid parameter: 'response_format' of type '{fmt.get('type')}' is not "
+                              "supported with this model.", "invalid_request_error")
+    prompt = usage_for(messages, "", model)["prompt_tokens"]
+    if prompt + (body.get("max_tokens") or 0) > window:
+        return error_response(400, f"This model's maximum context length is {window} tokens. "
+                              f"However, you requested {prompt} tokens.", "context_length_exceeded")
+    return None
+
+
+def _billed_failure(fault: str, model: str, messages: list[dict[str, Any]]) -> web.Response:
+    """An HTTP 200 that is not an answer: finish_reason "error" (partly billed) or a content filter."""
+    usage = usage_for(messages, "par", model)
+    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": "par"},
+                              "finish_reason": "error" if fault == "finish_error" else "content_filter"}
+    if fault == "finish_error":
+        choice["error"] = {"code": 502, "message": "upstream stopped mid-answer"}
+    reply = {"id": "gen-sim-err", "model": model, "choices": [choice], "usage": usage}
+    return web.Response(body=orjson.dumps(reply), content_type="application/json")
+
+
+def _simple(fault: str, wait: float) -> web.Response | None:
+    """Faults that are one error response, or None."""
+    retry = {"Retry-After": f"{wait:g}"}
+    simple: dict[str, tuple[int, str, Any, dict[str, Any]]] = {
+        "429": (429, "Rate limit exceeded", "rate_limit_exceeded", {"headers": retry}),
+        "insufficient_quota": (429, "You exceeded your current quota", "insufficient_quota",
+                               {"type": "insufficient_quota"}),
+        "500": (500, "upstream error", 500, {}), "502": (502, "upstream error", 502, {}),
+        "504": (504, "upstream error", 504, {}),
+        "503": (503, "overloaded", 503, {"headers": retry}),
+        "401": (401, "No auth credentials found", 401, {}),
+        "402": (402, "Insufficient credits", 402, {}),
+        "error_in_200": (200, "Provider returned error", 502, {"metadata": {"error_type": "provider_unavailable"}}),
+    }
+    if fault not in simple:
+        return None
+    status, message, code, extra = simple[fault]
+    return error_response(status, message, code, **extra)
+
+
+async def inject(fault: str, arg: float | None, request: web.Request, model: str, messages: list[dict[str, Any]],
+                 *, retry_after: float, hang_seconds: float, closing: asyncio.Event) -> web.StreamResponse:
+    """Produce ``fault`` on the wire instead of an answer."""
+    if (response := _simple(fault, arg if arg is not None else retry_after)) is not None:
+        return response
+    if fault in ("finish_error", "content_filter"):
+        return _billed_failure(fault, model, messages)
+    if fault == "truncated":
+        full = orjson.dumps({"id": "gen-sim-t", "model": model, "choices": [{"index": 0, "message": {
+            "role": "assistant", "content": "cut"}, "finish_reason": "stop"}]})
+        return web.Response(body=full[: len(full) // 2], content_type="application/json")
+    if fault == "reset":
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError  # nothing is sent: the client sees the connection drop
+    if fault in ("hang", "stall_body"):
+        stream = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "400"})
+        if fault == "stall_body":
+            await stream.prepare(request)
+            await stream.write(b'{"id": "gen-sim-stall", "choices": [')
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(closing.wait(), hang_seconds)
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError
+    raise ValueError(f"unknown sim fault {fault!r}")
