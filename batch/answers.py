@@ -14,6 +14,7 @@ so nothing is ever silently left unvalidated.
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections.abc import Callable, Mapping, Sequence
@@ -116,6 +117,8 @@ def validate(value: Any, schema: Mapping[str, Any], path: str = "$") -> str | No
         if "pattern" in schema and not re.search(schema["pattern"], value):
             return f"{path} must match /{schema['pattern']}/"
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "integer" in _types_of(schema) and "number" not in _types_of(schema) and not -_INT64 <= value < _INT64:
+            return f"{path} is {value}, beyond the 64-bit integers a Parquet column holds"
         for key, ok in (("minimum", value >= schema.get("minimum", value)),
                         ("maximum", value <= schema.get("maximum", value)),
                         ("exclusiveMinimum", "exclusiveMinimum" not in schema or value > schema["exclusiveMinimum"]),
@@ -123,6 +126,14 @@ def validate(value: Any, schema: Mapping[str, Any], path: str = "$") -> str | No
             if not ok:
                 return f"{path} breaks {key} {schema[key]}, got {value}"
     return None
+
+
+_INT64 = 2**63
+
+
+def _types_of(schema: Mapping[str, Any]) -> tuple[str, ...]:
+    t = schema.get("type")
+    return tuple(t) if isinstance(t, list) else (t,) if isinstance(t, str) else ()
 
 
 def _size_problem(path: str, size: int, schema: Mapping[str, Any], low: str, high: str, unit: str) -> str | None:
@@ -148,7 +159,7 @@ def _is_type(value: Any, t: str) -> bool:
 
 
 def _short(value: Any) -> str:
-    text = orjson.dumps(value).decode() if not isinstance(value, str) else repr(value)
+    text = json_text(value) if not isinstance(value, str) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -179,12 +190,20 @@ def arrow_converter(typ: pa.DataType) -> Callable[[Any], Any]:
         item = arrow_converter(typ.value_type)
         return lambda value: [item(v) for v in value] if isinstance(value, list) else None
     if pa.types.is_string(typ):
-        return lambda value: value if value is None or isinstance(value, str) else orjson.dumps(value).decode()
+        return lambda value: value if value is None or isinstance(value, str) else json_text(value)
     if pa.types.is_integer(typ):
         return lambda value: None if value is None else int(value)
     if pa.types.is_floating(typ):
         return lambda value: None if value is None else float(value)
     return lambda value: value
+
+
+def json_text(value: Any) -> str:
+    """``value`` as JSON text; integers beyond 64 bits (which orjson refuses) through the standard library."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value, default=str)
 
 
 # --- the checker ------------------------------------------------------------------------------

@@ -1,21 +1,26 @@
-"""``max_cost_usd``: the cost cap, across every request of the output.
+"""``max_cost_usd``: the cost cap, across every request of the output, crash or not.
 
 Each request reserves its worst case before it is sent (estimated prompt
 tokens x input price + max_tokens x output price). The reply's real cost
-replaces the reservation, so the run never spends past the cap by more than
-what was already in flight.
+replaces the reservation, and is written to the run's spend journal
+(batch/spend.py) at once, so the spend survives a kill -9: the run never
+spends past the cap by more than what was in flight, counting every run of
+the output.
 """
 
 from __future__ import annotations
 
+from batch.spend import SpendJournal
+
 
 class Budget:
-    """The spend so far and what requests in flight have reserved; ``max_usd`` None means no cap."""
+    """Spend so far and what requests in flight have reserved; ``max_usd`` None means no cap."""
 
-    def __init__(self, max_usd: float | None, *, spent: float = 0.0) -> None:
+    def __init__(self, max_usd: float | None, *, spent: float = 0.0, journal: SpendJournal | None = None) -> None:
         self.max_usd = max_usd
         self.spent = spent  # earlier runs of the same output count: the cap is for the whole job
         self.reserved = 0.0
+        self.journal = journal
 
     def reserve(self, amount: float) -> bool:
         if self.max_usd is None:
@@ -25,8 +30,15 @@ class Budget:
         self.reserved += amount
         return True
 
-    def settle(self, reserved: float, actual: float | None) -> None:
-        if self.max_usd is None:
+    def release(self, reserved: float) -> None:
+        """A request ended: its reservation is replaced by what it was billed (``bill``), if anything."""
+        if self.max_usd is not None:
+            self.reserved -= reserved
+
+    def bill(self, label: str, cost: float | None, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        """Money the provider charged (or, for a request cut off mid-flight, may have charged)."""
+        if not cost:
             return
-        self.reserved -= reserved
-        self.spent += actual or 0.0
+        self.spent += cost
+        if self.journal is not None:
+            self.journal.add(label, cost, prompt_tokens, completion_tokens)

@@ -82,6 +82,7 @@ class ResponseCache:
         self._writing: concurrent.futures.Future[None] | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._local = threading.local()
+        self._closed = False
         self._reader = self._connect(read_only=not self.writable)
 
     def _connect(self, *, read_only: bool) -> sqlite3.Connection:
@@ -92,7 +93,7 @@ class ResponseCache:
                                    f"cache = \"read-write\" (or --cache read-write), or set run.cache_path")
                 conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
             else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                _create_private(self.path)
                 conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
@@ -179,7 +180,10 @@ class ResponseCache:
         self._writing = None
 
     def close(self) -> None:
-        """Commit everything put so far, then close both connections (blocks briefly)."""
+        """Commit everything put so far, then close both connections (blocks briefly; safe to call twice)."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._wait()
             self._hand_over()
@@ -194,6 +198,16 @@ class ResponseCache:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
+
+
+def _create_private(path: Path) -> None:
+    """The cache holds prompts and answers: its folder (when batch makes it) is 0700 and its file 0600.
+
+    SQLite creates the -wal and -shm files with the database file's mode."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "compact": _compact, "export": _export, "cache": _cache, "sim": _sim}
     try:
         return commands[args.command](args)
+    except KeyboardInterrupt:  # before a run installed its own handlers (e.g. during the input scan)
+        print("interrupted before anything was sent; nothing was lost. Rerun the same command to start.",
+              file=sys.stderr)
+        return EXIT_STOPPED
     except (JobError, InputError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -241,9 +245,10 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from batch.sinks import Ledger, part_files
+    from batch.store import Ledger, part_files, read_parts
     from batch.stats import COUNTERS
 
     path = args.output / "stats.parquet"
@@ -260,8 +265,8 @@ def _stats(args: argparse.Namespace) -> int:
             m[k] += r.get(k) or 0  # columns added by later versions are absent from older files
     total = {k: sum(m[k] for m in models.values()) for k in sums}
     ledger = Ledger.read(args.output)
-    row_cost = sum(float(pq.read_table(p, columns=["cost_usd"])["cost_usd"].fill_null(0).to_numpy().sum())
-                   for p in part_files(args.output / "results"))
+    row_cost = sum(float(pc.sum(t["cost_usd"]).as_py() or 0.0)
+                   for _, t in read_parts(part_files(args.output / "results"), ["cost_usd"]))
     results = {"rows": len(ledger.ids), "ok": ledger.ok, "error": ledger.errors, "cost_usd": row_cost}
     if args.json:
         print(orjson.dumps({"runs": runs, "models": models, "total": total, "results": results},
@@ -299,20 +304,22 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace) -> int:
-    from batch.sinks import compact, reconcile
+    from batch.lock import OutputLock
+    from batch.store import compact, reconcile
 
-    reconcile(args.output)
+    if not args.output.is_dir():
+        raise OutputError(f"{args.output}: no such output directory; give the output.path of a job that has run")
     dest = args.to or args.output / "results.parquet"
-    rows = compact(args.output, dest)
+    with OutputLock(args.output):  # it rewrites parts of outputs made by batch before 0.2: one writer at a time
+        reconcile(args.output)
+        rows = compact(args.output, dest)
     print(f"wrote {rows} rows to {dest}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from batch.export import export_openai_batch
-    from batch.sinks import reconcile
 
-    reconcile(args.output)
     ok, failed = export_openai_batch(args.output, args.file, args.errors)
     where = f"; {failed} error lines to {args.errors}" if args.errors else f" ({failed} of them error lines)"
     print(f"wrote {ok + failed if not args.errors else ok} lines to {args.file}{where}")

@@ -21,7 +21,27 @@ No attribute or message of any error ever holds an API key or auth header:
 
 from __future__ import annotations
 
+import re
+
 DETAIL_CHARS = 300
+_BEARER = re.compile(r"(?i)bearer\s+\S+")
+_MASKED = re.compile(r"[\w.-]*\*{4,}[\w.-]*")  # OpenAI echoes keys as sk-abc*****wxyz
+_TOKEN = re.compile(r"[\w.-]{12,}")
+
+
+def redact(text: str, secret: str | None) -> str:
+    """``text`` without the API key: the key itself, long pieces of it, masked echoes, bearer tokens.
+
+    Providers and proxies repeat keys in error messages (some the whole key,
+    OpenAI a masked one); nothing batch writes or prints may carry them.
+    """
+    if secret:
+        text = text.replace(secret, "[redacted]")
+        for token in set(_TOKEN.findall(text)):
+            if token in secret:
+                text = text.replace(token, "[redacted]")
+    text = _BEARER.sub("Bearer [redacted]", text)
+    return _MASKED.sub("[redacted]", text)
 
 
 class BatchError(Exception):
@@ -70,6 +90,11 @@ class ProviderError(BatchError):
         if kind is not None:
             self.kind = kind
         super().__init__(self.detail)
+
+    def redact(self, secret: str | None) -> None:
+        """Remove the API key from what the provider said (called where replies are parsed)."""
+        self.detail = redact(self.detail, secret)
+        self.args = (self.detail,)
 
     def __str__(self) -> str:
         where = f"{self.model}: " if self.model else ""

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from batch.atomic import replacing
 from batch.errors import OutputError
-from batch.sinks import RESULTS_DIR, part_files
+from batch.store import RESULTS_DIR, part_files
 
 _COLUMNS = ("id", "status", "output", "finish_reason", "model", "prompt_tokens", "completion_tokens",
             "error_type", "error_message", "response_body")

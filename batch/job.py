@@ -20,7 +20,7 @@ from typing import Any, get_args, get_type_hints
 import orjson
 
 from batch.answers import NORMALIZERS, make_checker, schema_problems
-from batch.catalog import BUILTIN_PROVIDERS, SIM_FAULTS
+from batch.catalog import BUILTIN_PROVIDERS, SIM_FAULTS, prices_for
 from batch.checks import Problems, check_keys, choice, get, table
 from batch.errors import JobError
 from batch.spec import (BODY_MODEL, CACHE_MODES, INPUT_FORMATS, ON_BAD_ROW, InputSpec, Job, ModelSpec,
@@ -310,6 +310,18 @@ def _output_format(raw: dict[str, Any], base: Path, p: Problems) -> OutputFormat
     )
 
 
+def _check_prices(models: tuple[ModelSpec, ...], run: RunSpec, p: Problems) -> None:
+    """A cost cap needs every model's price before anything is sent: a model priced at $0 would let
+    ``concurrency`` requests at a time past the cap."""
+    if run.max_cost_usd is None or run.check_models:
+        return  # with check_models the live prices are read at start, and a model still unpriced stops it there
+    for i, m in enumerate(models):
+        if None in prices_for(m.model, m.price_input_per_million, m.price_output_per_million):
+            p.add(f"models[{i}]", f"run.max_cost_usd needs a price for {m.model}, which the built-in price table "
+                  "does not know: set price_input_per_million and price_output_per_million (USD) on this model, "
+                  "or run.check_models = true to read live prices from the provider's model list")
+
+
 _TOP_KEYS = ("input", "output", "request", "models", "providers", "run", "sim", "output_format")
 
 
@@ -327,6 +339,7 @@ def parse_job(data: Mapping[str, Any], source: Path) -> Job:
     models = _models(data, p)
     providers = _providers(data, models, p)
     run = _run(table(data, "run", p), base, p)
+    _check_prices(models, run, p)
     sim = _sim(table(data, "sim", p), p)
     output_format = _output_format(table(data, "output_format", p), base, p)
     if (output_format is not None and output_format.kind == "json_schema"

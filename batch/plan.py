@@ -235,6 +235,8 @@ def fingerprint(job: Job) -> dict[str, Any]:
         "models": [f"{m.provider}:{m.model}" for m in job.models],
         "request": dict(job.request),
     }
+    if job.input.keep_columns:  # they are columns of the results: parts of one output must agree
+        fp["keep_columns"] = list(job.input.keep_columns)
     if job.input.format == "openai-batch":
         fp["body_model"] = job.input.body_model
     if job.output.raw_response:

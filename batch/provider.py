@@ -10,6 +10,7 @@ only in ``Endpoint.headers``, which no repr, log line or error shows.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import time
@@ -46,6 +47,7 @@ class Endpoint:
     name: str
     url: str
     headers: Mapping[str, str] = field(repr=False)
+    secret: str | None = field(default=None, repr=False)  # the key, only to scrub it from what providers say
 
 
 def make_endpoint(name: str, base_url: str, api_key_env: str | None, extra: Mapping[str, str], *,
@@ -62,7 +64,8 @@ def make_endpoint(name: str, base_url: str, api_key_env: str | None, extra: Mapp
                            f"export your API key there (keys are never read from the job file)")
         if key:
             headers["Authorization"] = f"Bearer {key}"
-    return Endpoint(name=name, url=base_url.rstrip("/") + "/chat/completions", headers=headers)
+    return Endpoint(name=name, url=base_url.rstrip("/") + "/chat/completions", headers=headers,
+                    secret=key if api_key_env and key else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +105,18 @@ def open_session(concurrency: int) -> aiohttp.ClientSession:
 
 async def send(session: aiohttp.ClientSession, endpoint: Endpoint, model: str, body: bytes,
                timeout: float) -> Reply:
-    """POST one body; the deadline covers connecting, headers and the whole body."""
+    """POST one body; the deadline covers connecting, headers and the whole body.
+
+    Every ProviderError leaves here without the key, whatever the provider repeated."""
+    try:
+        return await _post(session, endpoint, model, body, timeout)
+    except ProviderError as exc:
+        exc.redact(endpoint.secret)
+        raise
+
+
+async def _post(session: aiohttp.ClientSession, endpoint: Endpoint, model: str, body: bytes,
+                timeout: float) -> Reply:
     started = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):
@@ -135,40 +149,84 @@ def reply_from_body(raw: bytes, model: str, latency_ms: float = 0.0,
 
 
 def _parse(data: dict[str, Any], model: str, latency_ms: float, headers: Mapping[str, str], raw: bytes) -> Reply:
+    """The one place replies are read: every field is checked and coerced to the type its column has,
+    so an odd reply (numbers as strings, content as parts) is an answer, or a ``bad_response`` naming
+    the odd value, and never a value that fails later when a part is written."""
     if "error" in data and data["error"]:
         raise classify(200, data, headers, model)
     choice = data["choices"][0]
-    finish = choice.get("finish_reason") or "stop"
+    usage = _mapping(data.get("usage"))
+    finish = _string(choice.get("finish_reason")) or "stop"
     if finish == "error" or choice.get("error"):
-        err = choice.get("error") or {}
+        err = _mapping(choice.get("error"))
         exc = TransientError(f"error inside HTTP 200: {err.get('message', err)}", model=model, status=200,
                              kind="upstream_error")
-        cost = (data.get("usage") or {}).get("cost")
-        exc.charged_usd = float(cost) if cost else None  # partial answers are billed (OpenRouter)
+        exc.charged_usd = _money(usage.get("cost"))  # partial answers are billed (OpenRouter)
         raise exc
     if finish == "content_filter":
         raise FallbackError("the answer was withheld by a content filter", model=model, kind="content_filter")
-    text = choice["message"].get("content")
-    if text is None:
-        raise TransientError("reply has no message content", model=model, status=200, kind="bad_response")
-    usage = data.get("usage") or {}
-    details = usage.get("prompt_tokens_details") or {}
-    cdetails = usage.get("completion_tokens_details") or {}
-    cost = usage.get("cost")
+    text = _content(_mapping(choice.get("message")).get("content"), model)
     return Reply(
         text=text,
         finish_reason=finish,
-        model=data.get("model") or model,
-        provider=data.get("provider"),
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-        cost=float(cost) if cost is not None else None,
-        cached_tokens=details.get("cached_tokens"),
-        reasoning_tokens=cdetails.get("reasoning_tokens"),
+        model=_string(data.get("model")) or model,
+        provider=_string(data.get("provider")),
+        prompt_tokens=_count(usage.get("prompt_tokens")) or 0,
+        completion_tokens=_count(usage.get("completion_tokens")) or 0,
+        cost=_money(usage.get("cost")),
+        cached_tokens=_count(_mapping(usage.get("prompt_tokens_details")).get("cached_tokens")),
+        reasoning_tokens=_count(_mapping(usage.get("completion_tokens_details")).get("reasoning_tokens")),
         latency_ms=latency_ms,
         rate=rate_info(headers),
         raw=raw,
     )
+
+
+def _content(value: Any, model: str) -> str:
+    """The answer text: a string, or a list of content parts whose text parts are joined."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # content parts: [{"type": "text", "text": ...}, ...]
+        parts = [p.get("text") for p in value if isinstance(p, dict) and p.get("type", "text") == "text"]
+        texts = [t for t in parts if isinstance(t, str)]
+        if texts and len(texts) == len(parts):
+            return "".join(texts)
+    what = "no message content" if value is None else f"message content of type {type(value).__name__}: " \
+        f"{orjson.dumps(value, default=str)[:120].decode(errors='replace')}"
+    raise TransientError(f"reply has {what}", model=model, status=200, kind="bad_response")
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _string(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+_INT64 = 2**63
+
+
+def _count(value: Any) -> int | None:
+    """A token count: an int, or a number or digit string that is one; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    return value if isinstance(value, int) and 0 <= value < _INT64 else None
+
+
+def _money(value: Any) -> float | None:
+    """A charge in USD: a finite number, or a string of one; None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        amount = float(value)
+    except ValueError:
+        return None
+    return amount if math.isfinite(amount) else None
 
 
 def classify(status: int, body: bytes | dict[str, Any], headers: Mapping[str, str], model: str) -> ProviderError:
@@ -326,7 +384,9 @@ async def fetch_models(session: aiohttp.ClientSession, endpoint: Endpoint, timeo
             async with session.get(url, headers=endpoint.headers) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
-                    raise classify(resp.status, raw, resp.headers, "")
+                    error = classify(resp.status, raw, resp.headers, "")
+                    error.redact(endpoint.secret)
+                    raise error
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise TransientError(f"cannot list models at {url}: {exc}", kind="connection") from None
     try:

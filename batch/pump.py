@@ -18,10 +18,8 @@ import contextlib
 import signal
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
-
-import pyarrow as pa
 
 from batch.progress import Progress, Tally
 from batch.prompts import Request
@@ -31,6 +29,7 @@ from batch.sinks import Sink
 
 if TYPE_CHECKING:
     from batch.job import Job
+    from batch.output import Resume
     from batch.plan import Plan
 
 MONITOR_SECONDS = 0.25
@@ -57,13 +56,21 @@ class Stop:
 _DONE = object()  # one per worker at the end of the input
 
 
+def _with_parts(requests: Iterable[Request], parts: list[int], start: int) -> Iterator[Request]:
+    """Mark each redone row with the part holding its older result (the sink replaces it there)."""
+    for req in requests:
+        part = parts[req.row - start]
+        yield req if part < 0 else req._replace(replaces=part)
+
+
 class Pump:
     """One run's reader, workers and monitor; ``await Pump(...).run()``."""
 
-    def __init__(self, job: Job, plan: Plan, done_mask: pa.Array | None, limit: int | None, grace_seconds: float,
+    def __init__(self, job: Job, plan: Plan, resume: Resume, limit: int | None, grace_seconds: float,
                  router: Router, sink: Sink, stop: Stop, tally: Tally, progress: Progress,
                  targets: Sequence[Target]) -> None:
-        self.job, self.plan, self.done_mask, self.limit = job, plan, done_mask, limit
+        self.job, self.plan, self.limit = job, plan, limit
+        self.done_mask, self.old_parts = resume.done_mask, resume.old_parts
         self.grace_seconds = grace_seconds
         self.router, self.sink, self.stop, self.tally, self.progress = router, sink, stop, tally, progress
         self.targets = list(targets)
@@ -95,6 +102,9 @@ class Pump:
             ids = plan.builder.ids(batch)
             mask = self.done_mask.slice(batch.start, batch.size).to_pylist() if self.done_mask is not None else None
             requests: Iterable[Request] = plan.builder.build(batch, ids, mask)
+            if self.old_parts is not None:
+                requests = _with_parts(requests, self.old_parts.slice(batch.start, batch.size).to_pylist(),
+                                       batch.start)
             if router.cache is not None:  # one cache query per batch, not one per row
                 requests = list(requests)
                 router.prefetch(requests)
@@ -128,11 +138,11 @@ class Pump:
             except Exception as exc:  # a bug in batch, not a provider failure: never retried
                 self.progress.message("internal error:\n" + "".join(traceback.format_exception(exc)))
                 result = error_result(req, "internal", f"{type(exc).__name__}: {exc}", attempts=0)
-            await self._record(result)
+            await self._record(result, req.replaces)
 
-    async def _record(self, result: Result) -> None:
+    async def _record(self, result: Result, replaces: int) -> None:
         sink, tally = self.sink, self.tally
-        sink.add(result)
+        sink.add(result, replaces)
         if sink.backlogged:
             await sink.drain_writer()
         tally.done += 1
@@ -219,6 +229,16 @@ class Pump:
             pending -= done
             if read_task in done and not read_task.cancelled() and read_task.exception() is not None:
                 stop.request(f"cannot read input: {read_task.exception()}")
+            self._report_dead(done - {read_task, waiter})
+
+    def _report_dead(self, finished: set[asyncio.Task[object]]) -> None:
+        """A worker that ended with an exception is a bug in batch: say so and stop (a resume redoes its row)."""
+        for task in finished:
+            if task.cancelled() or (exc := task.exception()) is None:
+                continue
+            self.progress.message("internal error: a worker stopped:\n" + "".join(traceback.format_exception(exc)))
+            self.stop.request(f"internal error in batch: a worker stopped ({type(exc).__name__}: {exc}); "
+                              "rows not yet written are redone when you rerun. Please report this.")
 
     async def _drop_unstarted(self, read_task: asyncio.Task[None], workers: int) -> None:
         read_task.cancel()

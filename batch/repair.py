@@ -13,6 +13,7 @@ import orjson
 
 from batch.answers import Checker
 from batch.prompts import Request
+from batch.tokens import TOKENS_REPLY_PRIMER, heuristic_tokens
 
 CUT_NOTE = " (the answer was cut at max_tokens: a larger [request] max_tokens may fix this)"
 
@@ -20,13 +21,14 @@ CUT_NOTE = " (the answer was cut at max_tokens: a larger [request] max_tokens ma
 class Repairs:
     """Judges a row's answers at one model and builds the next request of its conversation."""
 
-    __slots__ = ("checker", "max_repairs", "req", "count", "_conversation")
+    __slots__ = ("checker", "max_repairs", "req", "count", "extra_tokens", "_conversation")
 
     def __init__(self, checker: Checker, max_repairs: int, req: Request) -> None:
         self.checker = checker
         self.max_repairs = max_repairs
         self.req = req
         self.count = 0  # repairs asked so far at this model
+        self.extra_tokens = 0  # estimated prompt tokens the repair messages add to the row's prompt
         self._conversation: dict[str, Any] | None = None  # the request as a dict, once a repair needs it
 
     def judge(self, text: str, finish_reason: str) -> tuple[Any, str | None]:
@@ -46,5 +48,7 @@ class Repairs:
         if self._conversation is None:
             self._conversation = orjson.loads(b"{" + self.req.tail)
         conversation = self._conversation
-        conversation["messages"] = [*conversation["messages"], *self.checker.repair_messages(answer, problem)]
+        added = self.checker.repair_messages(answer, problem)
+        self.extra_tokens += heuristic_tokens(added) - TOKENS_REPLY_PRIMER  # the primer is in the prompt already
+        conversation["messages"] = [*conversation["messages"], *added]
         return prefix + orjson.dumps(conversation)[1:]

@@ -206,7 +206,7 @@ class Router:
                 await asyncio.sleep(t.breaker.seconds_to_probe())  # nowhere else to go: wait for the probe
                 continue
             try:
-                reply = await self._send(req, t, body, row)
+                reply = await self._send(req, t, body, row, repairs.extra_tokens if repairs else 0)
             except RateLimited as e:
                 last, waits = e, waits + 1
                 if self._rate_limited(t, req, e, waits, is_last):
@@ -291,8 +291,10 @@ class Router:
         self._charge(t, row, reply)  # an invalid answer is billed like any other
         return repairs.next_body(t.prefix, reply.text, problem), None
 
-    async def _send(self, req: Request, t: Target, body: bytes, row: _Row) -> Reply:
-        """One attempt: the slow-start gate, the model's budgets, then the HTTP call."""
+    async def _send(self, req: Request, t: Target, body: bytes, row: _Row, extra_prompt: int = 0) -> Reply:
+        """One attempt: the slow-start gate, the model's budgets, then the HTTP call.
+
+        ``extra_prompt``: estimated tokens a repair conversation adds to the row's own prompt."""
         first = False
         if not self._opened.is_set():
             if self._first_claimed:
@@ -301,7 +303,8 @@ class Router:
             else:
                 self._first_claimed = first = True
         completion = req.max_tokens or self.policy.max_tokens  # a Batch line may set its own
-        reserved = req.prompt_tokens + completion
+        prompt = req.prompt_tokens + extra_prompt
+        reserved = prompt + completion
         limiter = t.limiter
         budget = self.budget
         try:
@@ -310,7 +313,7 @@ class Router:
                 self._check_stop()
             worst = 0.0
             if budget.max_usd is not None:
-                worst = t.worst_cost(req.prompt_tokens, completion)
+                worst = t.worst_cost(prompt, completion)
                 if not budget.reserve(worst):
                     self.stopping = True
                     self.on_budget()
@@ -321,13 +324,15 @@ class Router:
             try:
                 reply = await send(self.session, t.endpoint, t.model, body, self.policy.timeout)
             except ProviderError as e:
-                budget.settle(worst, e.charged_usd)
+                budget.release(worst)
+                budget.bill(t.stats.label, e.charged_usd)
                 raise
             except BaseException:
-                budget.settle(worst, worst)  # cancelled mid-flight: assume it was billed
+                budget.release(worst)
+                budget.bill(t.stats.label, worst)  # cancelled mid-flight: assume it was billed
                 raise
-            if budget.max_usd is not None:
-                budget.settle(worst, t.cost_of(reply)[0])
+            budget.release(worst)
+            budget.bill(t.stats.label, t.cost_of(reply)[0], reply.prompt_tokens, reply.completion_tokens)
             self._steer(limiter, reply, reserved)
             return reply
         finally:

@@ -2,10 +2,10 @@
 
 ::
 
+    lock the output (one writer per directory)
     plan.scan (blocking checks, nothing sent)
-    read_batches -> PromptBuilder.build -> Queue(2 x concurrency)
-        -> N workers: Router.route -> Sink.add -> parts (writer thread)
-    monitor: flush timer, progress, stop conditions
+    output: --fresh, fingerprint, runs that never ended, what is done
+    pump: read_batches -> PromptBuilder.build -> Queue -> workers: Router.route -> Sink
     end: drain sink, stats.parquet, manifest, summary
 
 Only this module sees the whole Job. Exit codes: 0 every row ok, 1 some
@@ -16,33 +16,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.compute as pc
+from typing import Any
 
 from batch.answers import Checker, make_checker
 from batch.budget import Budget
 from batch.cache import ResponseCache, default_cache_path
 from batch.catalog import SIM_BASE_URL
-from batch.errors import FatalError, InputError, OutputError
+from batch.errors import FatalError, InputError, JobError
 from batch.job import Job
-from batch.plan import Plan, describe_changes, fingerprint, make_plan, scan
+from batch.lock import OutputLock
+from batch.output import Resume, close_unfinished, prepare_output, resume_state
+from batch.plan import Plan, ScanReport, make_plan, scan
 from batch.progress import Progress, Tally
 from batch.provider import make_endpoint, open_session
 from batch.pump import Pump, Stop
 from batch.router import Policy, Router, Target
 from batch.sim import SimConfig, Simulator
-from batch.sinks import (RESULTS_DIR, Ledger, Sink, part_files, read_manifest, reconcile, result_schema,
-                          set_aside_damaged, write_manifest)
-from batch.stats import Usage, append_stats, previous_cost, stats_rows
+from batch.sinks import Sink, result_schema
+from batch.spend import SpendJournal
+from batch.stats import Usage, append_stats, stats_rows
+from batch.store import Ledger, write_manifest
 from batch.targets import build_targets, check_models
 
 GRACE_SECONDS = 30.0
@@ -55,7 +54,7 @@ class RunOptions:
     retry_truncated: bool = False
     force: bool = False
     fresh: bool = False
-    limit: int | None = None
+    limit: int | None = None  # None: the job's run.limit, if any
     quiet: bool = False
     grace_seconds: float = GRACE_SECONDS
 
@@ -83,29 +82,6 @@ class Summary:
         return sum(self.per_model.values(), Usage())
 
 
-def prepare_output(job: Job, plan: Plan, options: RunOptions) -> dict[str, object]:
-    """Check the output directory against this job; returns the manifest to continue."""
-    out = job.output.path
-    if options.fresh:
-        shutil.rmtree(out / RESULTS_DIR, ignore_errors=True)
-        for name in ("manifest.json", "stats.parquet"):
-            (out / name).unlink(missing_ok=True)
-    fp = fingerprint(job)
-    manifest = read_manifest(out)
-    if manifest is None:
-        if part_files(out / RESULTS_DIR) and not options.force:
-            raise OutputError(f"{out}: holds results but no manifest.json; use --force to add to them "
-                              f"or --fresh to start over")
-        return {"fingerprint": fp, "runs": []}
-    changes = describe_changes(manifest.get("fingerprint", {}), fp)
-    if changes and not options.force:
-        raise OutputError(f"{out}: holds answers to a different job; changed since: " + "; ".join(changes)
-                          + ". Rerun with --force to mix them anyway, --fresh to start over, or use another "
-                          "output.path")
-    manifest["fingerprint"] = fp
-    return manifest
-
-
 @contextlib.asynccontextmanager
 async def _maybe_sim(job: Job) -> AsyncIterator[str | None]:
     if any(job.providers[m.provider].base_url == SIM_BASE_URL for m in job.models):
@@ -115,13 +91,34 @@ async def _maybe_sim(job: Job) -> AsyncIterator[str | None]:
         yield None
 
 
-async def run_async(job: Job, options: RunOptions = RunOptions()) -> Summary:
-    """Run a job to completion or to a stop; never raises for row-level failures."""
-    started = time.monotonic()
-    for m in job.models:  # a missing key is an invalid job: say so before reading anything
+def _check_keys(job: Job) -> None:
+    """A missing key is an invalid job: say so before reading anything."""
+    for m in job.models:
         spec = job.provider_of(m)
-        make_endpoint(spec.name, spec.base_url, spec.api_key_env, spec.headers,
-                      require_key=job.run.cache != "replay")
+        make_endpoint(spec.name, spec.base_url, spec.api_key_env, spec.headers, require_key=job.run.cache != "replay")
+
+
+async def run_async(job: Job, options: RunOptions | None = None, **overrides: Any) -> Summary:
+    """Run a job to completion or to a stop; never raises for row-level failures.
+
+    Options are a ``RunOptions`` or its fields as keywords (``quiet=True``).
+    """
+    options = _options(options, overrides)
+    started = time.monotonic()
+    _check_keys(job)
+    with OutputLock(job.output.path):
+        return await _run_locked(job, options, started)
+
+
+def _options(options: RunOptions | None, overrides: dict[str, Any]) -> RunOptions:
+    known = {f.name for f in fields(RunOptions)}
+    if unknown := sorted(set(overrides) - known):
+        raise TypeError(f"unknown run option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    base = options or RunOptions()
+    return RunOptions(**{**{k: getattr(base, k) for k in known}, **overrides})
+
+
+async def _run_locked(job: Job, options: RunOptions, started: float) -> Summary:
     plan = make_plan(job)
     report = scan(plan)
     if blocking := report.blocking(job.run.on_bad_row):
@@ -133,70 +130,64 @@ async def run_async(job: Job, options: RunOptions = RunOptions()) -> Summary:
         summary.cache_path = job.run.cache_path or default_cache_path()
         cache = ResponseCache(summary.cache_path, job.run.cache)
     try:
-        manifest = prepare_output(job, plan, options)
-    except BaseException:
-        if cache is not None:
-            cache.close()
-        raise
-    for name in set_aside_damaged(out):
-        print(f"warning: {out / RESULTS_DIR / name} is damaged (half-written or truncated) and was set aside "
-              f"as .{name}.damaged; its rows will be redone", file=sys.stderr)
-    reconcile(out)  # finish a superseding that a crash interrupted
-    ledger = Ledger.read(out)
-    skip = ledger.skip_set(retry_errors=options.retry_errors, retry_truncated=options.retry_truncated)
-    done_mask = report.skip_mask(skip)
-    report.ids = None  # the ids are not needed any more: free them before sending,
-    pa.default_memory_pool().release_unused()  # and let the allocator give that memory back
-    summary.rows_skipped = int(pc.sum(done_mask).as_py() or 0) if done_mask is not None else 0
-    to_do = report.rows - summary.rows_skipped
-    if options.limit is not None:
-        to_do = min(to_do, options.limit)
-    progress = Progress(to_do, quiet=options.quiet)
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
-    history = manifest.setdefault("runs", [])
-    assert isinstance(history, list)
-    entry: dict[str, object] = {"run_id": run_id, "started": _now(), "ended": None, "outcome": "running"}
-    history.append(entry)
-    out.mkdir(parents=True, exist_ok=True)
-    write_manifest(out, manifest)
-
-    stop = Stop()
-    tally = Tally()
-    try:
-        targets = await _send_all(job, plan, report.body_models, done_mask, options, cache, stop, tally,
-                                  progress)
+        manifest = prepare_output(job, fresh=options.fresh, force=options.force)
+        close_unfinished(out, manifest)
+        resume = resume_state(out, report, retry_errors=options.retry_errors,
+                              retry_truncated=options.retry_truncated)
+        summary.rows_skipped = resume.skipped
+        report.ids = None  # not needed any more: free them before sending
+        await _run_output(job, plan, report, resume, options, cache, manifest, summary)
     finally:
         if cache is not None:
             cache.close()
             summary.cache_hits, summary.cache_misses = cache.hits, cache.misses
-            if cache.error is not None:
-                progress.message(f"warning: {cache.error}; the results are complete, but later runs will "
-                                 "send these requests again")
-    wall = time.monotonic() - started
-    summary.per_model = {(t.provider, t.model): t.stats.freeze(wall) for t in targets}
-    summary.wall_seconds = wall
-    summary.rows_this_run = tally.done
+    summary.wall_seconds = time.monotonic() - started
+    return summary
+
+
+async def _run_output(job: Job, plan: Plan, report: ScanReport, resume: Resume, options: RunOptions,
+                      cache: ResponseCache | None, manifest: dict[str, Any], summary: Summary) -> None:
+    """Record the run in the manifest, send, and finish the output (stats, manifest, exit code)."""
+    out = job.output.path
+    limit = options.limit if options.limit is not None else job.run.limit
+    to_do = report.rows - resume.skipped if limit is None else min(report.rows - resume.skipped, limit)
+    progress = Progress(to_do, quiet=options.quiet)
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    entry: dict[str, object] = {"run_id": run_id, "started": _now(), "ended": None, "outcome": "running"}
+    manifest.setdefault("runs", []).append(entry)
+    write_manifest(out, manifest)
+    stop, tally = Stop(), Tally()
+    journal = SpendJournal(out, run_id)
     try:
-        reconcile(out)  # rows redone by --retry-* replace their old rows
-    except OSError as exc:
-        stop.request(f"cannot rewrite older parts: {exc}")
+        targets = await _send_all(job, plan, report.body_models, resume, limit, options, cache, journal, stop,
+                                  tally, progress)
+    except JobError as exc:  # found only once the providers were asked (check_models): nothing was sent
+        entry.update(ended=_now(), outcome="refused", stop_reason=str(exc))
+        write_manifest(out, manifest)
+        journal.close(delete=True)
+        raise
+    if cache is not None and cache.error is not None:
+        progress.message(f"warning: {cache.error}; the results are complete, but later runs will "
+                         "send these requests again")
+    summary.per_model = {(t.provider, t.model): t.stats.freeze(time.monotonic() - progress.started)
+                         for t in targets}
+    summary.rows_this_run = tally.done
     final = Ledger.read(out)
     summary.rows_ok, summary.rows_error = final.ok, final.errors
     summary.rows_total = summary.rows_ok + summary.rows_error
     summary.stop_reason = stop.reason
     expected = report.rows - (report.bad_rows + report.missing_ids if job.run.on_bad_row == "skip" else 0)
-    if stop.reason is not None or (options.limit is None and summary.rows_total < expected):
+    if stop.reason is not None or (limit is None and summary.rows_total < expected):
         summary.exit_code = EXIT_STOPPED
         summary.stop_reason = stop.reason or f"{expected - summary.rows_total} rows have no result yet; rerun to resume"
     elif summary.rows_error:
         summary.exit_code = EXIT_ERRORS
-    _finish_output(out, run_id, manifest, entry, summary, tally)
-    return summary
+    _finish_output(out, run_id, manifest, entry, summary, tally, journal)
 
 
-async def _send_all(job: Job, plan: Plan, body_models: Iterable[str], done_mask: pa.Array | None,
-                    options: RunOptions, cache: ResponseCache | None, stop: Stop, tally: Tally,
-                    progress: Progress) -> list[Target]:
+async def _send_all(job: Job, plan: Plan, body_models: Iterable[str], resume: Resume, limit: int | None,
+                    options: RunOptions, cache: ResponseCache | None, journal: SpendJournal, stop: Stop,
+                    tally: Tally, progress: Progress) -> list[Target]:
     """The sending part of a run: simulator, session, sink, router, pump. Returns the targets (with stats)."""
     out = job.output.path
     async with _maybe_sim(job) as sim_url:
@@ -215,26 +206,40 @@ async def _send_all(job: Job, plan: Plan, body_models: Iterable[str], done_mask:
         async with open_session(job.run.concurrency) as session, Sink(
             out, schema, flush_rows=job.output.flush_rows, flush_seconds=job.output.flush_seconds,
         ) as sink:
-            policy = Policy(max_attempts=job.run.max_attempts, timeout=job.run.timeout_seconds,
-                            fallback=job.run.fallback, backoff_base=job.run.backoff_base_seconds,
-                            backoff_max=job.run.backoff_max_seconds,
-                            max_rate_limit_waits=job.run.max_rate_limit_waits, max_tokens=plan.max_tokens,
-                            length_is_failure=job.run.length_is_failure,
-                            spill_on_rate_limit=job.run.spill_on_rate_limit,
-                            keep_response_body=job.output.raw_response)
             if job.run.check_models and job.run.cache != "replay":
                 await check_models(job, session, targets, progress)
-            budget = Budget(job.run.max_cost_usd, spent=previous_cost(out))
-            router = Router(session, targets[:len(job.models)], policy, on_fatal, budget, on_budget,
+            _check_priced(job, targets)
+            budget = Budget(job.run.max_cost_usd, spent=resume.spent, journal=journal)
+            router = Router(session, targets[:len(job.models)], _policy(job, plan), on_fatal, budget, on_budget,
                             cache=cache, row_chains=row_chains, checker=checker,
                             max_repairs=job.output_format.max_repairs if job.output_format else 0)
-            await Pump(job, plan, done_mask, options.limit, options.grace_seconds, router, sink, stop, tally, progress,
+            await Pump(job, plan, resume, limit, options.grace_seconds, router, sink, stop, tally, progress,
                        targets).run()
             await sink.drain()
             if sink.error is not None:
                 stop.request(str(sink.error))
         progress.close(tally)
     return targets
+
+
+def _policy(job: Job, plan: Plan) -> Policy:
+    r = job.run
+    return Policy(max_attempts=r.max_attempts, timeout=r.timeout_seconds, fallback=r.fallback,
+                  backoff_base=r.backoff_base_seconds, backoff_max=r.backoff_max_seconds,
+                  max_rate_limit_waits=r.max_rate_limit_waits, max_tokens=plan.max_tokens,
+                  length_is_failure=r.length_is_failure, spill_on_rate_limit=r.spill_on_rate_limit,
+                  keep_response_body=job.output.raw_response)
+
+
+def _check_priced(job: Job, targets: list[Target]) -> None:
+    """With a cost cap, every model a row may go to needs a price before anything is sent."""
+    if job.run.max_cost_usd is None:
+        return
+    unpriced = [t.model for t in targets if t.price_in is None or t.price_out is None]
+    if unpriced:
+        raise JobError(f"run.max_cost_usd needs a price for {', '.join(unpriced)}: neither the job, the built-in "
+                       "table nor the provider's model list gives one. Set price_input_per_million and "
+                       "price_output_per_million in [[models]]; nothing was sent")
 
 
 def _checker(job: Job) -> Checker | None:
@@ -245,13 +250,15 @@ def _checker(job: Job) -> Checker | None:
                         regex=fmt.regex)
 
 
-def _finish_output(out: Path, run_id: str, manifest: dict[str, object], entry: dict[str, object],
-                   summary: Summary, tally: Tally) -> None:
+def _finish_output(out: Path, run_id: str, manifest: dict[str, Any], entry: dict[str, object],
+                   summary: Summary, tally: Tally, journal: SpendJournal) -> None:
     """Write stats.parquet and the manifest. Requests were sent, so a failure here is exit 3
     (the results on disk are intact and a rerun resumes), never exit 2."""
     problems = []
+    journal.close(delete=False)
     try:
         append_stats(out, stats_rows(run_id, summary.per_model))
+        journal.close(delete=True)  # stats.parquet holds this run's spend now
     except OSError as exc:
         problems.append(f"could not write stats.parquet ({exc}); this run's figures are only in the summary")
     entry.update(ended=_now(), outcome="stopped" if summary.stop_reason else "completed",
@@ -259,7 +266,7 @@ def _finish_output(out: Path, run_id: str, manifest: dict[str, object], entry: d
                  rows_error=summary.rows_error, exit_code=summary.exit_code)
     try:
         write_manifest(out, manifest)
-    except OutputError as exc:
+    except OSError as exc:
         problems.append(str(exc))
     if problems:
         summary.exit_code = EXIT_STOPPED
@@ -270,6 +277,19 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def run(job: Job, **options: object) -> Summary:
-    """Run a job from synchronous code (scripts, notebooks): ``batch.run(batch.load_job(p))``."""
-    return asyncio.run(run_async(job, RunOptions(**options)))  # type: ignore[arg-type]
+def run(job: Job, options: RunOptions | None = None, **overrides: Any) -> Summary:
+    """Run a job from synchronous code: ``batch.run(batch.load_job(p), quiet=True)``.
+
+    Inside a running event loop (Jupyter), the run goes on a thread of its own,
+    so ``batch.run`` works in a notebook cell too (``await batch.run_async(...)``
+    is the native form there).
+    """
+    options = _options(options, overrides)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run_async(job, options))
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-run") as pool:
+        return pool.submit(asyncio.run, run_async(job, options)).result()

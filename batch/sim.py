@@ -46,7 +46,8 @@ from batch.catalog import SIM_FAULTS as FAULTS
 from batch.catalog import facts_for
 from batch.sim_answers import (DEFAULT_PRICES, answer_for, invalid_version, prompt_key, structured_answer, truncate,
                                usage_for)
-from batch.sim_faults import error_response, fault_draw, inject, pick_fault, unavailable
+from batch.sim_faults import (BILLED_FAULTS, ODD_REPLIES, echo_key, error_response, fault_draw, inject, odd_reply,
+                              pick_fault, unavailable)
 from batch.sim_limits import LimitGate, refusal_response
 
 DEFAULT_CONTEXT_WINDOW = 32_768
@@ -86,6 +87,11 @@ class SimConfig:
             json_schema (400), and say so in GET /models supported_parameters.
         invalid_answers: probability that an answer is invalid for its format: "unsure" instead of
             one of the offered (a/b/c) choices, or JSON cut short. Drawn per (seed, prompt, nth request).
+        odd_replies: probability per answer of each odd but real-world reply shape (``ODD_REPLIES``):
+            content as a list of parts, numbers as strings, content that is not text, integers beyond
+            64 bits in a JSON answer, usage of the wrong shape. Drawn per (seed, prompt, nth request).
+        echo_key: repeat the request's API key in every error message, as some proxies do ("full"),
+            or masked as OpenAI does ("masked": sk-abc****wxyz); "" repeats nothing.
     """
 
     latency_ms: float = 0.0
@@ -109,11 +115,18 @@ class SimConfig:
     report_cost: bool = True
     invalid_answers: float = 0.0
     json_mode_only: tuple[str, ...] = ()
+    echo_key: str = ""
+    odd_replies: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for kind in self.faults:
             if kind not in FAULTS:
                 raise ValueError(f"unknown sim fault {kind!r}; known: {', '.join(FAULTS)}")
+        for kind in self.odd_replies:
+            if kind not in ODD_REPLIES:
+                raise ValueError(f"unknown odd reply {kind!r}; known: {', '.join(ODD_REPLIES)}")
+        if self.echo_key not in ("", "full", "masked"):
+            raise ValueError(f"echo_key must be full, masked or empty, not {self.echo_key!r}")
         if self.rate_limit_style not in RATE_LIMIT_STYLES:
             raise ValueError(f"rate_limit_style must be openai, openrouter or bare, not {self.rate_limit_style!r}")
 
@@ -145,6 +158,8 @@ class SimCounters:
     admissions: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens); only with record_times
     refusals: list[float] = field(default_factory=list)  # times of limit 429s; only with record_times
     invalid_answers: int = 0  # answers made invalid on purpose (invalid_answers)
+    odd_replies: Counter[str] = field(default_factory=Counter)  # odd reply shapes sent (odd_replies)
+    billed_usd: float = 0.0  # what the replies' usage.cost added up to: answers and partly billed failures
 
     def peak(self, budget: str, seconds: float | None = None) -> int:
         """The most admitted in any window of ``seconds`` (default: the main window)."""
@@ -162,6 +177,7 @@ class SimCounters:
             "peak_in_flight": self.peak_in_flight, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "peaks": self.peaks,
             "admissions": self.admissions, "refusals": self.refusals, "invalid_answers": self.invalid_answers,
+            "odd_replies": dict(self.odd_replies), "billed_usd": self.billed_usd,
         }
 
 
@@ -269,6 +285,8 @@ class Simulator:
             c.in_flight -= 1
             c.peaks = self._gate.peaks()
         c.statuses[response.status] += 1
+        if self.config.echo_key and isinstance(response, web.Response):
+            response = echo_key(response, request.headers.get("Authorization", ""), self.config.echo_key)
         return response
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
@@ -307,9 +325,11 @@ class Simulator:
         fault, arg = pick_fault(cfg.faults, cfg.schedule, cfg.seed, model, key, nth)
         if fault is not None:
             self.counters.faults[fault] += 1
+            if fault in BILLED_FAULTS:
+                self.counters.billed_usd += usage_for(messages, "par", model)["cost"]
             return await inject(fault, arg, request, model, messages, retry_after=cfg.retry_after_seconds,
                                 hang_seconds=cfg.hang_seconds, closing=self._closing)
-        return self._reply(key, model, text, finish, usage, headers)
+        return self._reply(key, nth, model, text, finish, usage, headers)
 
     def _note_arrival(self, messages: list[dict[str, Any]], now: float) -> str:
         """Count a request for its prompt; returns the prompt's key."""
@@ -340,11 +360,12 @@ class Simulator:
                 return candidate, None
         return model, refusal
 
-    def _reply(self, key: str, model: str, text: str, finish: str, usage: dict[str, Any],
+    def _reply(self, key: str, nth: int, model: str, text: str, finish: str, usage: dict[str, Any],
                headers: dict[str, str] | None) -> web.Response:
         self._succeeded.add(key)
         self.counters.prompt_tokens += usage["prompt_tokens"]
         self.counters.completion_tokens += usage["completion_tokens"]
+        self.counters.billed_usd += usage["cost"]
         self._serial += 1
         if not self.config.report_cost:
             usage = {k: v for k, v in usage.items() if k != "cost"}
@@ -362,6 +383,11 @@ class Simulator:
             }],
             "usage": usage,
         }
+        cfg = self.config
+        odd, _ = pick_fault(cfg.odd_replies, {}, cfg.seed + 2, model, key, nth) if cfg.odd_replies else (None, None)
+        if odd is not None:
+            self.counters.odd_replies[odd] += 1
+            return web.Response(body=odd_reply(odd, reply), content_type="application/json", headers=headers)
         return web.Response(body=orjson.dumps(reply), content_type="application/json", headers=headers)
 
     def _admit(self, model: str, tokens: int, now: float) -> tuple[web.Response | None, dict[str, str] | None]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,69 @@ def error_response(status: int, message: str, code: Any, headers: Mapping[str, s
     body = {"error": {"code": code, "message": message, **extra}}
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json",
                         headers=headers)
+
+
+def echo_key(response: web.Response, authorization: str, how: str) -> web.Response:
+    """An error response that repeats the caller's key in its message, as careless proxies do."""
+    body = response.body
+    if not isinstance(body, bytes) or b'"error"' not in body:
+        return response
+    key = authorization.removeprefix("Bearer ").strip()
+    shown = key if how == "full" else f"{key[:6]}{'*' * max(4, len(key) - 10)}{key[-4:]}"
+    data = orjson.loads(body)
+    err = data.get("error")
+    if not isinstance(err, dict):
+        return response
+    err["message"] = f"{err.get('message', '')} (Incorrect API key provided: {shown}; header was {authorization})" \
+        if how == "full" else f"{err.get('message', '')} (Incorrect API key provided: {shown})"
+    return web.Response(status=response.status, body=orjson.dumps(data), content_type="application/json",
+                        headers={k: v for k, v in response.headers.items() if k.lower() != "content-type"
+                                 and k.lower() != "content-length"})
+
+
+BILLED_FAULTS = ("finish_error", "content_filter")  # HTTP 200s that are not answers but carry a charge
+ODD_REPLIES = ("content_parts", "string_numbers", "bad_content", "huge_int", "odd_usage")
+
+
+def odd_reply(kind: str, reply: dict[str, Any]) -> bytes:
+    """A reply in an odd shape real providers and proxies send (see SimConfig.odd_replies)."""
+    message = reply["choices"][0]["message"]
+    usage = reply["usage"]
+    if kind == "content_parts":  # OpenAI-style content parts instead of a string
+        text = message["content"]
+        message["content"] = [{"type": "text", "text": text[: len(text) // 2]}, {"type": "text",
+                                                                               "text": text[len(text) // 2:]}]
+    elif kind == "string_numbers":
+        usage.update({k: str(v) for k, v in usage.items()})
+        usage["prompt_tokens_details"] = {"cached_tokens": "0"}
+    elif kind == "bad_content":
+        message["content"] = {"unexpected": 42}
+    elif kind == "huge_int":
+        message["content"] = _huge_ints(message["content"])
+    elif kind == "odd_usage":
+        usage.update(prompt_tokens=-1, completion_tokens=None, cost="n/a",
+                     completion_tokens_details=["reasoning", 3])
+    return json.dumps(reply).encode()  # the standard library writes integers orjson refuses
+
+
+def _huge_ints(text: str) -> str:
+    """A JSON answer with every integer replaced by one beyond 64 bits; other answers unchanged."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+
+    def grow(v: Any) -> Any:
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, int):
+            return 2**70 + v
+        if isinstance(v, dict):
+            return {k: grow(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [grow(x) for x in v]
+        return v
+    return json.dumps(grow(value))
 
 
 def fault_draw(seed: int, key: str, nth: int) -> float:

@@ -1,19 +1,25 @@
-"""Stage 7: ``Result``s -> Parquet part files, the resume ledger, the manifest.
+"""Stage 7: ``Result``s -> Parquet part files, atomically, one row per id at every instant.
 
 Parts are written by one background thread (never on the event loop), each
 atomically: temporary file, fsync, rename, fsync of the directory. A crash
 loses at most the rows not yet flushed, and never leaves a half-written file
 under a ``part-*.parquet`` name. Rows become Arrow columns once per part.
 
-The ledger reads ``id`` and ``status`` of existing parts so that a rerun
-skips ids already answered; it stays in Arrow (no Python set per id).
+A row that replaces an older one (``--retry-errors``, ``--retry-truncated``)
+is written *into the part that holds the old row*, which is replaced as a
+whole: the id is in exactly one file before, during and after, so readers
+(pandas, DuckDB, ``pyarrow.dataset``) never see it twice or miss it, even
+after a kill -9.
+
+A value that Arrow cannot store (a provider's odd reply that slipped past
+the parser) costs only its own row: that row becomes an ``error`` row of type
+``unstorable`` naming the column; every other row of the part is written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,13 +30,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch.atomic import fsync_dir, replacing, write_atomic
+from batch.answers import json_text
+from batch.atomic import replacing
 from batch.errors import OutputError
 from batch.result import Result
-
-RESULTS_DIR = "results"
-MANIFEST = "manifest.json"
-_PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+from batch.store import RESULTS_DIR, next_part_number, part_path
 
 BASE_FIELDS: list[tuple[str, pa.DataType]] = [
     ("id", pa.string()), ("status", pa.string()), ("output", pa.string()), ("finish_reason", pa.string()),
@@ -42,6 +46,8 @@ BASE_FIELDS: list[tuple[str, pa.DataType]] = [
     ("cached", pa.bool_()),
 ]
 RESPONSE_BODY = ("response_body", pa.string())  # only with output.raw_response
+_CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError,
+                      ValueError)
 
 
 def result_schema(keep: Sequence[tuple[str, pa.DataType]], *, raw_response: bool = False,
@@ -61,7 +67,7 @@ def result_schema(keep: Sequence[tuple[str, pa.DataType]], *, raw_response: bool
 _RESULT_INDEX = {name: i for i, name in enumerate(Result._fields)}
 
 
-def _to_table(rows: list[Result], schema: pa.Schema) -> pa.Table:
+def _columns(rows: Sequence[Result], schema: pa.Schema) -> pa.Table:
     columns = list(zip(*rows))  # one C-level transpose per part, not per row
     arrays = []
     n_base = 0
@@ -69,16 +75,71 @@ def _to_table(rows: list[Result], schema: pa.Schema) -> pa.Table:
         i = _RESULT_INDEX.get(field.name)
         if i is None:
             break  # the kept input columns follow
-        arrays.append(pa.array(columns[i], type=field.type))
+        arrays.append(pa.array(columns[i] if rows else [], type=field.type))
         n_base += 1
     keeps = list(zip(*columns[_RESULT_INDEX["keep"]])) if rows and rows[0].keep else []
     for k in range(len(schema) - n_base):
         field = schema.field(n_base + k)
         values: Sequence[Any] = keeps[k] if keeps else [None] * len(rows)
         if pa.types.is_string(field.type):
-            values = [v if v is None or isinstance(v, str) else orjson.dumps(v).decode() for v in values]
+            values = [v if v is None or isinstance(v, str) else json_text(v) for v in values]
         arrays.append(pa.array(values, type=field.type))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def to_table(rows: Sequence[Result], schema: pa.Schema) -> pa.Table:
+    """Rows as one Arrow table. A row holding a value its column cannot store becomes an
+    ``unstorable`` error row (that value dropped, named in the message); the others are unchanged."""
+    try:
+        return _columns(rows, schema)
+    except _CONVERSION_ERRORS:
+        return _columns([_storable(r, schema) for r in rows], schema)
+
+
+def _storable(row: Result, schema: pa.Schema) -> Result:
+    """``row``, or, if one of its values does not fit its column, an ``unstorable`` error row
+    without those values (the message names the columns and shows the first value)."""
+    bad = [(name, value) for name, value, typ in _cells(row, schema) if not _fits(value, typ)]
+    if not bad:
+        return row
+    fields = row._asdict()
+    keep = list(row.keep)
+    keep_names = [f.name for f in schema if f.name not in _RESULT_INDEX]
+    for name, _ in bad:
+        if name in fields:
+            fields[name] = None
+        else:
+            keep[keep_names.index(name)] = None
+    first = bad[0][1]
+    excerpt = first if isinstance(first, str) else json_text(first)
+    fields.update(id=str(row.id), status="error", error_type="unstorable", keep=tuple(keep),
+                  error_message=f"the answer cannot be stored: {', '.join(n for n, _ in bad)} does not fit its "
+                                f"column type (value {excerpt[:200]!r})")
+    return Result(**fields)
+
+
+def _cells(row: Result, schema: pa.Schema) -> list[tuple[str, Any, pa.DataType]]:
+    """(column, value, type) of one row, as ``_columns`` would store it."""
+    cells = []
+    k = 0
+    for field in schema:
+        if (i := _RESULT_INDEX.get(field.name)) is not None:
+            cells.append((field.name, row[i], field.type))
+        else:
+            value = row.keep[k] if k < len(row.keep) else None
+            if pa.types.is_string(field.type) and value is not None and not isinstance(value, str):
+                value = json_text(value)
+            cells.append((field.name, value, field.type))
+            k += 1
+    return cells
+
+
+def _fits(value: Any, typ: pa.DataType) -> bool:
+    try:
+        pa.array([value], type=typ)
+        return True
+    except _CONVERSION_ERRORS:
+        return False
 
 
 class Sink:
@@ -89,13 +150,16 @@ class Sink:
         self.schema = schema
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
-        self.buffer: list[Result] = []
+        self.buffer: list[Result] = []  # rows of ids the output does not hold yet
+        self.replacing: dict[int, list[Result]] = {}  # part number -> rows replacing rows in that part
+        self.buffered = 0
         self.rows_written = 0
         self.parts_written = 0
         self._next_part = next_part_number(self.dir)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-sink")
         self._writing: asyncio.Future[None] | None = None
         self._last_flush = time.monotonic()
+        self._closed = False
         self.error: OutputError | None = None
 
     async def __aenter__(self) -> Sink:
@@ -108,15 +172,20 @@ class Sink:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def add(self, result: Result) -> None:
-        self.buffer.append(result)
-        if len(self.buffer) >= self.flush_rows:
+    def add(self, result: Result, replaces: int = -1) -> None:
+        """Buffer a row; ``replaces`` is the number of the part holding this id's older row, if any."""
+        if replaces < 0:
+            self.buffer.append(result)
+        else:
+            self.replacing.setdefault(replaces, []).append(result)
+        self.buffered += 1
+        if self.buffered >= self.flush_rows:
             self.flush()
 
     @property
     def backlogged(self) -> bool:
         """A full buffer waits for the part being written: workers should ``await drain_writer()``."""
-        return len(self.buffer) >= self.flush_rows and self._writing is not None and not self._writing.done()
+        return self.buffered >= self.flush_rows and self._writing is not None and not self._writing.done()
 
     async def drain_writer(self) -> None:
         """Wait for the part being written, then hand over the buffer (backpressure)."""
@@ -125,17 +194,17 @@ class Sink:
         self.flush()
 
     def flush_if_due(self) -> None:
-        if self.buffer and time.monotonic() - self._last_flush >= self.flush_seconds:
+        if self.buffered and time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
         """Hand the buffered rows to the writer thread; returns at once.
 
-        One part is written at a time: while it is, rows stay in the buffer (and
+        One write at a time: while one runs, rows stay in the buffer (and
         workers wait once it is full), so at most 2 x flush_rows answered rows
         are ever not yet on disk, plus the requests in flight.
         """
-        if not self.buffer:
+        if not self.buffered:
             return
         if self._writing is not None:
             if not self._writing.done():
@@ -143,9 +212,13 @@ class Sink:
             self._reap(self._writing)
         self._last_flush = time.monotonic()
         rows, self.buffer = self.buffer, []
-        path = self.dir / f"part-{self._next_part:05d}.parquet"
-        self._next_part += 1
-        self._writing = asyncio.get_running_loop().run_in_executor(self._pool, self._write, rows, path)
+        replacing, self.replacing = self.replacing, {}
+        self.buffered = 0
+        path = None
+        if rows:
+            path = part_path(self.dir, self._next_part)
+            self._next_part += 1
+        self._writing = asyncio.get_running_loop().run_in_executor(self._pool, self._write, rows, path, replacing)
 
     def _reap(self, fut: asyncio.Future[None]) -> None:
         if fut.cancelled():
@@ -156,15 +229,22 @@ class Sink:
         elif exc is not None and self.error is None:
             self.error = OutputError(f"{self.dir}: cannot write results: {exc}")
 
-    def _write(self, rows: list[Result], path: Path) -> None:
-        table = _to_table(rows, self.schema)
+    def _write(self, rows: list[Result], path: Path | None, replacing: dict[int, list[Result]]) -> None:
+        """New rows as a new part; replacements into the parts holding their old rows (writer thread)."""
+        if path is not None:
+            self._write_part(path, to_table(rows, self.schema), len(rows))
+        for number, new in replacing.items():
+            target = part_path(self.dir, number)
+            self._write_part(target, _replaced(target, to_table(new, self.schema)), len(new))
+
+    def _write_part(self, path: Path, table: pa.Table, rows: int) -> None:
         try:
             with replacing(path) as tmp:
                 pq.write_table(table, tmp, compression="zstd")
         except OSError as exc:
             raise OutputError(f"{path}: cannot write results ({exc.strerror or exc}); "
-                              f"{len(rows)} rows were not saved and will be redone on resume") from None
-        self.rows_written += len(rows)
+                              f"{rows} rows were not saved and will be redone on resume") from None
+        self.rows_written += rows
         self.parts_written += 1
 
     async def drain(self) -> None:
@@ -174,148 +254,27 @@ class Sink:
                 await asyncio.wait([self._writing])
                 self._reap(self._writing)
                 self._writing = None
-            if not self.buffer:
+            if not self.buffered:
                 return
             self.flush()
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             await self.drain()
         finally:
             self._pool.shutdown(wait=True)
 
 
-def next_part_number(results: Path) -> int:
-    highest = 0
-    if results.is_dir():
-        for p in results.iterdir():
-            if m := _PART_RE.match(p.name):
-                highest = max(highest, int(m.group(1)))
-    return highest + 1
-
-
-def part_files(results: Path) -> list[Path]:
-    if not results.is_dir():
-        return []
-    return sorted((p for p in results.iterdir() if _PART_RE.match(p.name)), key=lambda p: p.name)
-
-
-class Ledger:
-    """What the output already holds, one entry per id; answers "skip this id?" per batch in Arrow."""
-
-    def __init__(self, ids: pa.Array, status: pa.Array, finish: pa.Array) -> None:
-        self.ids = ids
-        self.status = status
-        self.finish = finish
-
-    @classmethod
-    def read(cls, out_dir: Path) -> Ledger:
-        tables = [pq.read_table(p, columns=["id", "status", "finish_reason"]) for p in part_files(out_dir / RESULTS_DIR)]
-        if not tables:
-            empty = pa.array([], pa.string())
-            return cls(empty, empty, empty)
-        t = pa.concat_tables(tables).combine_chunks()
-        return cls(t["id"].chunk(0) if t.num_rows else pa.array([], pa.string()),
-                   t["status"].chunk(0) if t.num_rows else pa.array([], pa.string()),
-                   t["finish_reason"].chunk(0) if t.num_rows else pa.array([], pa.string()))
-
-    @property
-    def ok(self) -> int:
-        return int(pc.sum(pc.equal(self.status, "ok")).as_py() or 0)
-
-    @property
-    def errors(self) -> int:
-        return len(self.ids) - self.ok
-
-    def skip_set(self, *, retry_errors: bool, retry_truncated: bool) -> pa.Array:
-        """Ids this run leaves alone: ok rows, and error rows unless they are to be redone."""
-        keep = pc.equal(self.status, "ok") if retry_errors else pa.array([True] * len(self.ids))
-        if retry_truncated and len(self.ids):
-            keep = pc.and_(keep, pc.invert(pc.fill_null(pc.equal(self.finish, "length"), False)))
-        return pc.filter(self.ids, keep) if len(self.ids) else self.ids
-
-
-def set_aside_damaged(out_dir: Path) -> list[str]:
-    """Rename part files that cannot be read to hidden ``.NAME.damaged``; their rows are redone."""
-    damaged = []
-    for path in part_files(out_dir / RESULTS_DIR):
-        try:
-            pq.read_metadata(path)
-            pq.read_table(path, columns=["id", "status"])
-        except (pa.ArrowException, OSError):
-            path.rename(path.with_name(f".{path.name}.damaged"))
-            damaged.append(path.name)
-    return damaged
-
-
-def reconcile(out_dir: Path) -> int:
-    """Keep only the newest row of every id: rewrite older parts without superseded rows.
-
-    A rerun with --retry-errors or --retry-truncated writes the new answer in a
-    new part first; this then removes the old row, each older part replaced
-    atomically. A crash in between leaves both rows, and the next run's
-    reconcile (which runs first) finishes the job. Returns rows removed.
-    """
-    parts = part_files(out_dir / RESULTS_DIR)
-    if len(parts) < 2:
-        return 0
-    ids = [pq.read_table(p, columns=["id"])["id"] for p in parts]
-    numbered = pa.table({
-        "id": pa.chunked_array([c for col in ids for c in col.chunks], pa.string()),
-        "part": pa.array([i for i, col in enumerate(ids) for _ in range(len(col))], pa.int32()),
-    })
-    latest = numbered.group_by("id").aggregate([("part", "max"), ("part", "count")])
-    dup = latest.filter(pc.greater(latest["part_count"], 1))
-    if dup.num_rows == 0:
-        return 0
-    newest = dict(zip(dup["id"].to_pylist(), dup["part_max"].to_pylist()))
-    removed = 0
-    for i, path in enumerate(parts):
-        stale = [rid in newest and newest[rid] != i for rid in ids[i].to_pylist()]
-        if not any(stale):
-            continue
-        table = pq.read_table(path)
-        kept = table.filter(pc.invert(pa.array(stale)))
-        removed += table.num_rows - kept.num_rows
-        if kept.num_rows == 0:
-            path.unlink()
-            fsync_dir(path.parent)
-        else:
-            with replacing(path) as tmp:
-                pq.write_table(kept, tmp, compression="zstd")
-    return removed
-
-
-def compact(out_dir: Path, dest: Path) -> int:
-    """Write the whole results dataset as one Parquet file (atomically); returns its rows."""
-    parts = part_files(out_dir / RESULTS_DIR)
-    if not parts:
-        raise OutputError(f"{out_dir}: no results to compact")
-    schema = pq.read_schema(parts[0])
-    rows = 0
+def _replaced(path: Path, new: pa.Table) -> pa.Table:
+    """The part at ``path`` with the rows of ``new``'s ids replaced by ``new``'s rows."""
     try:
-        with replacing(dest) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for path in parts:  # one part in memory at a time
-                table = pq.read_table(path).cast(schema)
-                writer.write_table(table)
-                rows += table.num_rows
-    except OSError as exc:
-        raise OutputError(f"{dest}: cannot write: {exc.strerror or exc}") from None
-    return rows
-
-
-def read_manifest(out_dir: Path) -> dict[str, Any] | None:
-    path = out_dir / MANIFEST
-    try:
-        return orjson.loads(path.read_bytes())  # type: ignore[no-any-return]
+        old = pq.read_table(path)
     except FileNotFoundError:
-        return None
-    except (OSError, orjson.JSONDecodeError) as exc:
-        raise OutputError(f"{path}: unreadable manifest ({exc}); move it away or run with --fresh") from None
-
-
-def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
-    try:
-        write_atomic(out_dir / MANIFEST, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
-    except OSError as exc:
-        raise OutputError(f"{out_dir / MANIFEST}: cannot write the manifest: {exc.strerror or exc}") from None
+        return new  # the part was set aside as damaged meanwhile: the new rows are all there is
+    kept = old.filter(pc.invert(pc.is_in(old["id"], value_set=new["id"])))
+    if kept.schema.equals(new.schema):
+        return pa.concat_tables([kept, new])
+    return pa.concat_tables([kept, new], promote_options="permissive")  # a part written before a --force

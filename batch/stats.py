@@ -146,3 +146,14 @@ def previous_cost(out_dir: Path) -> float:
         return float(sum(pq.read_table(path, columns=["cost_usd"])["cost_usd"].to_pylist()))
     except (pa.ArrowException, OSError):
         return 0.0
+
+
+def recorded_runs(out_dir: Path) -> set[str]:
+    """The run ids stats.parquet has rows for."""
+    path = out_dir / STATS_FILE
+    if not path.exists():
+        return set()
+    try:
+        return {str(r) for r in pq.read_table(path, columns=["run_id"])["run_id"].to_pylist()}
+    except (pa.ArrowException, OSError):
+        return set()

@@ -1,0 +1,120 @@
+"""The output directory before a run sends anything: fresh start, fingerprint, what is done.
+
+Called while holding the output's lock (batch/lock.py), so nothing else
+writes here meanwhile:
+
+- ``--fresh`` deletes what batch wrote (parts, manifest, stats, journals), and
+  only in a directory batch made (its manifest is there): ``output.path = "."``
+  must never cost a user their own files.
+- The job's fingerprint is compared with the one the output was made by.
+- Runs that never ended (killed, crashed) are marked so in the manifest, and
+  their spend journals become their rows in stats.parquet.
+- Damaged parts are set aside; an id held twice (by batch before 0.2) is
+  reduced to its newest row; the ledger says which rows are done and which
+  part holds each row to redo.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batch.errors import OutputError
+from batch.job import Job
+from batch.lock import LOCK_FILE
+from batch.plan import ScanReport, describe_changes, fingerprint
+from batch.spend import JOURNAL_PREFIX, journal_usage, orphan_journals
+from batch.stats import STATS_FILE, append_stats, previous_cost, recorded_runs, stats_rows
+from batch.store import MANIFEST, RESULTS_DIR, Ledger, part_files, read_manifest, reconcile, set_aside_damaged
+
+_PART_TEMPS = (".part-",)  # hidden temporary and damaged part files
+
+
+def delete_previous(out: Path) -> None:
+    """--fresh: delete what batch wrote in ``out``, and only in an output batch made."""
+    if not out.exists():
+        return
+    if read_manifest(out) is None:
+        if part_files(out / RESULTS_DIR):
+            raise OutputError(f"{out}: --fresh deletes only outputs batch made, and there is no {MANIFEST} here; "
+                              f"nothing was deleted. Delete {out / RESULTS_DIR} yourself if it is yours to lose")
+        return
+    results = out / RESULTS_DIR
+    for path in [*part_files(results), *(p for p in _listing(results) if p.name.startswith(_PART_TEMPS))]:
+        path.unlink(missing_ok=True)
+    if results.is_dir() and not any(results.iterdir()):
+        results.rmdir()
+    for path in _listing(out):
+        if path.name in (MANIFEST, STATS_FILE) or path.name.startswith(JOURNAL_PREFIX):
+            path.unlink(missing_ok=True)
+
+
+def _listing(directory: Path) -> list[Path]:
+    return list(directory.iterdir()) if directory.is_dir() else []
+
+
+def prepare_output(job: Job, *, fresh: bool, force: bool) -> dict[str, Any]:
+    """Check the output directory against this job; returns the manifest to continue."""
+    out = job.output.path
+    if fresh:
+        delete_previous(out)
+    fp = fingerprint(job)
+    manifest = read_manifest(out)
+    if manifest is None:
+        if part_files(out / RESULTS_DIR) and not force:
+            raise OutputError(f"{out}: holds results but no manifest.json; use --force to add to them "
+                              f"or --fresh to start over")
+        return {"fingerprint": fp, "runs": []}
+    changes = describe_changes(manifest.get("fingerprint", {}), fp)
+    if changes and not force:
+        raise OutputError(f"{out}: holds answers to a different job; changed since: " + "; ".join(changes)
+                          + ". Rerun with --force to mix them anyway, --fresh to start over, or use another "
+                          "output.path")
+    manifest["fingerprint"] = fp
+    return manifest
+
+
+def close_unfinished(out: Path, manifest: dict[str, Any]) -> None:
+    """Runs that never ended: ``killed`` in the manifest, their journals into stats.parquet."""
+    for entry in manifest.get("runs", []):
+        if isinstance(entry, dict) and entry.get("outcome") == "running":
+            entry["outcome"] = "killed"  # we hold the lock, so it is not running any more
+            entry["stop_reason"] = "the process ended without finishing (kill -9, crash or power cut)"
+    known = recorded_runs(out)
+    for run_id, path in orphan_journals(out).items():
+        if run_id not in known:
+            append_stats(out, stats_rows(run_id, journal_usage(path)))
+        path.unlink(missing_ok=True)
+
+
+@dataclass(slots=True)
+class Resume:
+    """Where this run starts: rows already done, and the part holding each row to redo."""
+
+    done_mask: pa.Array | None  # per input row: answered by an earlier run and left alone
+    old_parts: pa.Array | None  # per input row: the number of the part holding its row (-1: none), when redoing
+    skipped: int
+    spent: float  # what earlier runs of this output were billed
+
+
+def resume_state(out: Path, report: ScanReport, *, retry_errors: bool, retry_truncated: bool) -> Resume:
+    for name in set_aside_damaged(out):
+        print(f"warning: {out / RESULTS_DIR / name} is damaged (half-written or truncated) and was set aside "
+              f"as .{name}.damaged; its rows will be redone", file=sys.stderr)
+    reconcile(out)  # outputs of batch before 0.2 could hold an id twice after a crash in a --retry-* run
+    ledger = Ledger.read(out)
+    skip = ledger.skip_set(retry_errors=retry_errors, retry_truncated=retry_truncated)
+    done_mask = report.skip_mask(skip)
+    old_parts = None
+    if (retry_errors or retry_truncated) and len(ledger.ids) and report.ids is not None:
+        old_parts = ledger.parts_of(report.ids)
+    skipped = int(pc.sum(done_mask).as_py() or 0) if done_mask is not None else 0
+    return Resume(done_mask, old_parts, skipped, previous_cost(out))
+
+
+__all__ = ["LOCK_FILE", "Resume", "close_unfinished", "delete_previous", "prepare_output", "resume_state"]
