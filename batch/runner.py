@@ -71,6 +71,8 @@ class Summary:
     rows_error: int = 0
     rows_this_run: int = 0
     rows_skipped: int = 0  # already answered by an earlier run
+    rows_input: int = 0  # rows of the input that should get a result (bad rows left out with on_bad_row = "skip")
+    rows_left: int = 0  # input rows without a result after this run: exit 3, rerun to continue
     cache_hits: int = 0  # rows of this run answered from the response cache
     cache_misses: int = 0  # rows looked up and not found (then sent, or in replay mode failed)
     cache_path: Path | None = None
@@ -177,9 +179,12 @@ async def _run_output(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
     summary.rows_total = summary.rows_ok + summary.rows_error
     summary.stop_reason = stop.reason
     expected = report.rows - (report.bad_rows + report.missing_ids if job.run.on_bad_row == "skip" else 0)
-    if stop.reason is not None or (limit is None and summary.rows_total < expected):
-        summary.exit_code = EXIT_STOPPED
-        summary.stop_reason = stop.reason or f"{expected - summary.rows_total} rows have no result yet; rerun to resume"
+    summary.rows_input, summary.rows_left = expected, max(0, expected - summary.rows_total)
+    if stop.reason is not None or summary.rows_left:
+        summary.exit_code = EXIT_STOPPED  # a script that reruns until exit 0 must not stop at --limit
+        left = f"{summary.rows_left} of {expected} input rows have no result yet"
+        summary.stop_reason = stop.reason or (f"{left} (--limit {limit}); rerun to continue" if limit is not None
+                                              else f"{left}; rerun to resume")
     elif summary.rows_error:
         summary.exit_code = EXIT_ERRORS
     _finish_output(out, run_id, manifest, entry, summary, tally, journal)

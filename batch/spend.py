@@ -33,10 +33,17 @@ class SpendJournal:
     def __init__(self, out_dir: Path, run_id: str) -> None:
         self.path = out_dir / f"{JOURNAL_PREFIX}{run_id}{JOURNAL_SUFFIX}"
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.error: str | None = None
 
     def add(self, label: str, cost: float, prompt_tokens: int, completion_tokens: int) -> None:
-        if self._fd is not None:
+        if self._fd is None:
+            return
+        try:
             os.write(self._fd, orjson.dumps([label, cost, prompt_tokens, completion_tokens]) + b"\n")
+        except OSError as exc:  # a full disk: the run goes on (and will stop on its next part write)
+            self.error = f"{self.path}: cannot record spend ({exc.strerror or exc})"
+            os.close(self._fd)
+            self._fd = None
 
     def close(self, *, delete: bool) -> None:
         fd, self._fd = self._fd, None

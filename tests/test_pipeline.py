@@ -90,7 +90,7 @@ class TestFullRun:
         """--limit sends part of the input; the next run does the rest, each id once."""
         data = write_jsonl(tmp_path / "in.jsonl", review_rows(300))
         job = write_job(tmp_path, input_path=data, base_url=sim.base_url)
-        assert run_cli("run", str(job), "--quiet", "--limit", "120").returncode == 0
+        assert run_cli("run", str(job), "--quiet", "--limit", "120").returncode == 3  # rows left: rerun
         assert len(read_results(tmp_path / "out")) == 120
         assert run_cli("run", str(job), "--quiet").returncode == 0
         df = read_results(tmp_path / "out")

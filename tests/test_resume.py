@@ -116,7 +116,7 @@ class TestDamage:
         sim = sim_factory()
         job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(400)), base_url=sim.base_url,
                         output={"flush_rows": 100})
-        assert run_cli("run", str(job), "--quiet", "--limit", "300").returncode == 0
+        assert run_cli("run", str(job), "--quiet", "--limit", "300").returncode == 3
         parts = sorted((tmp_path / "out" / "results").glob("part-*.parquet"))
         victim = parts[1]
         victim.write_bytes(victim.read_bytes()[:-300])
@@ -217,7 +217,7 @@ def test_full_disk_stops_cleanly_and_resumes(tmp_path: Path, sim_factory: Factor
     data = write_jsonl(tmp_path / "in.jsonl", rows(2000))
     job = write_job(tmp_path, input_path=data, base_url=sim.base_url, output={"path": str(tiny_disk / "out"),
                                                                               "flush_rows": 100})
-    assert run_cli("run", str(job), "--quiet", "--limit", "300").returncode == 0
+    assert run_cli("run", str(job), "--quiet", "--limit", "300").returncode == 3
     ballast = tiny_disk / "ballast"
     fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
     try:  # fill the disk ...
