@@ -53,13 +53,16 @@ import time
 from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
 from batch.catalog import SIM_FAULTS as FAULTS
 from batch.catalog import facts_for
+
+if TYPE_CHECKING:
+    from batch.sim_batch import BatchBook
 
 DEFAULT_CONTEXT_WINDOW = 32_768
 DEFAULT_PRICES = (1.0, 2.0)  # USD per million input / output tokens
@@ -98,6 +101,24 @@ class SimConfig:
         rate_limit_style: "openai" (x-ratelimit-* headers on every response, the limit
             stated in 429 messages), "openrouter" (no headers on success; 429s carry
             X-RateLimit-* and Retry-After) or "bare" (429 with Retry-After only).
+        batch_*: the Batch APIs (batch/sim_batch.py), in wall-clock seconds:
+        batch_validating_seconds: time a batch spends in ``validating``.
+        batch_median_seconds, batch_spread: a batch's time in ``in_progress`` is log-normal with this
+            median and sigma, drawn per batch from the seed (defaults: 7 min, 90% within an hour, as
+            observed on OpenRouter); its lines finish evenly over that time. 0 spread: always the median.
+        batch_finalizing_seconds: time in ``finalizing``.
+        batch_window_seconds: the completion window; lines not finished by then expire (batch_expired).
+        batch_cancel_seconds: time an OpenAI batch stays ``cancelling`` (finishing lines in flight).
+        batch_line_failures: share of lines that fail, drawn per (seed, custom_id).
+        batch_error_shape: how an OpenAI error-file line reports a failure: "response" (status_code
+            4xx/5xx with body.error), "error" (response null, error {code, message}) or "mixed" (per line).
+        batch_price_factor: batch price as a share of the chat price.
+        batch_max_bytes: largest OpenAI upload / OpenRouter batch body (OpenAI: 400 "File is too large.").
+        batch_enqueued_token_limit: OpenAI's per-model cap on prompt tokens in unfinished batches; a batch
+            over it is accepted, then fails with token_limit_exceeded. None: no cap.
+        batch_inline_results: when OpenRouter's GET batch carries ``results``: "terminal" (any terminal
+            status, the current reference) or "completed" (only completed, as in the beta).
+        batch_beta_path: also serve OpenRouter's batches under /api/beta/batches.
     """
 
     latency_ms: float = 0.0
@@ -120,6 +141,19 @@ class SimConfig:
     report_cost: bool = True
     invalid_answers: float = 0.0
     json_mode_only: tuple[str, ...] = ()
+    batch_validating_seconds: float = 2.0
+    batch_median_seconds: float = 420.0
+    batch_spread: float = 1.68
+    batch_finalizing_seconds: float = 2.0
+    batch_window_seconds: float = 86_400.0
+    batch_cancel_seconds: float = 60.0
+    batch_line_failures: float = 0.0
+    batch_error_shape: str = "mixed"
+    batch_price_factor: float = 0.5
+    batch_max_bytes: int = 200 * 1024 * 1024
+    batch_enqueued_token_limit: int | None = None
+    batch_inline_results: str = "terminal"
+    batch_beta_path: bool = False
 
     def __post_init__(self) -> None:
         for kind in self.faults:
@@ -127,6 +161,10 @@ class SimConfig:
                 raise ValueError(f"unknown sim fault {kind!r}; known: {', '.join(FAULTS)}")
         if self.rate_limit_style not in ("openai", "openrouter", "bare"):
             raise ValueError(f"rate_limit_style must be openai, openrouter or bare, not {self.rate_limit_style!r}")
+        if self.batch_error_shape not in ("response", "error", "mixed"):
+            raise ValueError(f"batch_error_shape must be response, error or mixed, not {self.batch_error_shape!r}")
+        if self.batch_inline_results not in ("terminal", "completed"):
+            raise ValueError(f"batch_inline_results must be terminal or completed, not {self.batch_inline_results!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> SimConfig:
@@ -456,6 +494,7 @@ class Simulator(_Faults):
         self._rpm = SlidingWindow(cfg.requests_per_minute, w) if cfg.requests_per_minute else None
         self._tpm = SlidingWindow(cfg.tokens_per_minute, w) if cfg.tokens_per_minute else None
         self._offered = SlidingWindow(float("inf"), w)
+        self.batches: BatchBook | None = None  # the Batch APIs' batches, files and counters; made by app()
 
     @property
     def base_url(self) -> str:
@@ -467,6 +506,9 @@ class Simulator(_Faults):
             app.router.add_post(prefix + "/chat/completions", self._chat)
             app.router.add_get(prefix + "/models", self._models)
         app.router.add_get("/_sim/stats", self._stats)
+        from batch.sim_batch_http import add_batch_routes  # here: that module imports this one
+
+        self.batches = add_batch_routes(app, self.config, self.batches)
         return app
 
     async def start(self) -> None:
@@ -496,7 +538,10 @@ class Simulator(_Faults):
     # --- handlers --------------------------------------------------------------
 
     async def _stats(self, request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(self.counters.as_dict(), option=orjson.OPT_NON_STR_KEYS),
+        stats = self.counters.as_dict()
+        if self.batches is not None:
+            stats["batch"] = self.batches.counters().as_dict()
+        return web.Response(body=orjson.dumps(stats, option=orjson.OPT_NON_STR_KEYS),
                             content_type="application/json")
 
     async def _models(self, request: web.Request) -> web.Response:

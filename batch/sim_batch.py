@@ -1,0 +1,429 @@
+"""The simulator's asynchronous Batch APIs: the batch state machine, its lines and what it counted.
+
+It imitates what /work/shared/WIRE-BATCH.md (sections A and B) documents of
+OpenRouter's inline batches and OpenAI's files + batches: the statuses
+``validating -> in_progress -> finalizing -> completed`` (or ``failed``,
+``expired``, ``cancelling -> cancelled``), lines that finish progressively,
+expiry at the completion window (finished lines kept and billed, the rest
+``batch_expired``), batch prices (50% of the chat price) and per-line
+failures. The HTTP side is batch/sim_batch_http.py.
+
+Time is wall-clock seconds, scaled by ``SimConfig.batch_*`` knobs. Nothing
+runs in the background: a batch's ``Timeline`` is fixed when it is created
+(drawn from the seed and the batch's serial number) and its status is
+computed when polled, so for a given seed, creation order and poll times the
+answers are always the same. A cancel is the one thing that changes a
+timeline after creation.
+
+Line answers are the chat endpoint's (``structured_answer`` or ``answer_for``,
+``truncate`` to the line's ``max_tokens``, ``usage_for``), so a batch line and
+the first online request for the same prompt answer the same text.
+
+It does not imitate webhooks (``callback_url`` is accepted and ignored),
+retention, endpoints other than chat completions, provider routing,
+multimodal checks, or rate limits on the batch endpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import statistics
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from batch.catalog import facts_for
+from batch.sim import (DEFAULT_CONTEXT_WINDOW, SimConfig, _fault_draw, answer_for, invalid_version, prompt_key,
+                       structured_answer, truncate, usage_for)
+
+TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+# The documented moves; a poller may see any path through them, skipping statuses it polled past.
+NEXT: Mapping[str, frozenset[str]] = {
+    "validating": frozenset({"in_progress", "failed", "expired", "cancelling"}),
+    "in_progress": frozenset({"finalizing", "expired", "cancelling"}),
+    "finalizing": frozenset({"completed", "cancelling"}),
+    "cancelling": frozenset({"cancelled"}),
+}
+EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+
+
+def draw(seed: int, *parts: object) -> float:
+    """A uniform number in [0, 1) from a hash of the seed and ``parts``: the same inputs draw the same."""
+    text = ":".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64
+
+
+def token(seed: int, *parts: object, length: int = 24) -> str:
+    """A deterministic hex string for ids (the simulator's ids are opaque, as the real ones)."""
+    text = ":".join(str(p) for p in (seed, *parts))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()[:length]
+
+
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    """When a batch changes status, in seconds after its creation; a pure value.
+
+    >>> Timeline(validating=1, running=4, finalizing=1, window=60).status_at(2.5)
+    'in_progress'
+    """
+
+    validating: float
+    running: float  # from in_progress until the last line is done
+    finalizing: float
+    window: float  # lines not done by then expire
+    invalid: bool = False  # fails validation when validating ends
+    cancel_at: float | None = None
+    cancel_drain: float = 0.0
+
+    def _natural(self) -> tuple[tuple[float, str], ...]:
+        v, w = self.validating, self.window
+        if v >= w:  # only with a window scaled below the validation time
+            return (0.0, "validating"), (w, "expired")
+        if self.invalid:
+            return (0.0, "validating"), (v, "failed")
+        done = v + self.running
+        if done > w:
+            return (0.0, "validating"), (v, "in_progress"), (w, "expired")
+        return (0.0, "validating"), (v, "in_progress"), (done, "finalizing"), (done + self.finalizing, "completed")
+
+    def events(self) -> tuple[tuple[float, str], ...]:
+        """(time, status) pairs in order; a cancel cuts the natural path short."""
+        natural = self._natural()
+        if self.cancel_at is None:
+            return natural
+        kept = tuple(e for e in natural if e[0] <= self.cancel_at)
+        return (*kept, (self.cancel_at, "cancelling"), (self.cancel_at + self.cancel_drain, "cancelled"))
+
+    def status_at(self, t: float) -> str:
+        status = "validating"
+        for at, name in self.events():
+            if at <= t:
+                status = name
+        return status
+
+    def done_at(self, t: float, n: int) -> int:
+        """How many of ``n`` lines are finished at ``t``: they finish evenly during in_progress, and
+        keep finishing while a cancel drains (the work in flight completes), until expiry or cancelled."""
+        v = self.validating
+        if self.invalid or v >= self.window or (self.cancel_at is not None and self.cancel_at <= v):
+            return 0
+        stop = min(t, self.window)
+        if self.cancel_at is not None:
+            stop = min(stop, self.cancel_at + self.cancel_drain)
+        if stop >= v + self.running:  # compared before dividing, so float rounding cannot lose the last line
+            return n
+        if stop <= v:
+            return 0
+        return min(n, int(n * (stop - v) / self.running))
+
+
+def plan(cfg: SimConfig, serial: int, invalid: bool) -> Timeline:
+    """The timeline of the ``serial``-th batch: its running time is log-normal around the median, so most
+    batches finish fast and a few take long (spread 1.68 puts 90% within 8.6x the median)."""
+    u = min(max(draw(cfg.seed, "running", serial), 1e-12), 1 - 1e-12)
+    running = cfg.batch_median_seconds * math.exp(cfg.batch_spread * statistics.NormalDist().inv_cdf(u))
+    return Timeline(validating=cfg.batch_validating_seconds, running=running,
+                    finalizing=cfg.batch_finalizing_seconds, window=cfg.batch_window_seconds, invalid=invalid)
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One request of a batch: the client's ``custom_id`` and the chat-completions body."""
+
+    custom_id: str
+    body: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a finished line gets: an answer, or an error (``code`` set) with the HTTP status it stands for."""
+
+    text: str = ""
+    finish_reason: str = "stop"
+    usage: Mapping[str, Any] = field(default_factory=dict)  # tokens, and cost at the batch price
+    status: int = 200
+    code: str | None = None
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code is None
+
+
+def base_model(model: str) -> str:
+    """The chat model behind a batch slug: the simulator takes ``x`` and ``x:batch`` alike (open question 2)."""
+    return model.removesuffix(":batch")
+
+
+def messages_of(line: Line) -> list[dict[str, Any]]:
+    """The line's messages, or [] when they are not a list of objects (the line then fails with a 400)."""
+    messages = line.body.get("messages")
+    ok = isinstance(messages, list) and all(isinstance(m, dict) for m in messages)
+    return list(messages) if ok and isinstance(messages, list) else []
+
+
+def model_problem(cfg: SimConfig, model: str) -> str | None:
+    """Why a batch for ``model`` fails validation (the chat endpoint's retired/models knobs), or None."""
+    base = base_model(model)
+    if base in cfg.retired:
+        return f"Model {model} has been retired and has no batch endpoint."
+    if cfg.models and base not in cfg.models:
+        return f"Model {model} does not exist or has no batch endpoint."
+    return None
+
+
+def outcome_for(cfg: SimConfig, model: str, line: Line) -> Outcome:
+    """A line's deterministic outcome: an injected failure (batch_line_failures, per (seed, custom_id)),
+    the chat endpoint's 400s for a too-long prompt or an unsupported response_format, else its answer."""
+    body, base = line.body, base_model(model)
+    messages = messages_of(line)
+    if not messages:
+        return Outcome(status=400, code="invalid_request_error", message="'messages' must be a non-empty array "
+                       "of message objects.")
+    if draw(cfg.seed, "line-fails", line.custom_id) < cfg.batch_line_failures:
+        if draw(cfg.seed, "line-status", line.custom_id) < 0.5:
+            return Outcome(status=500, code="server_error", message="The server had an error processing the request.")
+        return Outcome(status=400, code="invalid_request_error", message="The request was rejected upstream.")
+    refusal = _chat_refusal(cfg, base, messages, body)
+    if refusal is not None:
+        return refusal
+    answer = structured_answer(messages, body) or answer_for(messages)
+    if cfg.invalid_answers and _fault_draw(cfg.seed + 1, prompt_key(messages), 0) < cfg.invalid_answers:
+        answer = invalid_version(answer)  # as the chat endpoint's first request for this prompt
+    text, finish = truncate(answer, body.get("max_tokens"))
+    usage = usage_for(messages, text, base)
+    usage["cost"] = round(usage["cost"] * cfg.batch_price_factor, 12)
+    return Outcome(text=text, finish_reason=finish, usage=usage)
+
+
+def _chat_refusal(cfg: SimConfig, model: str, messages: list[dict[str, Any]],
+                  body: Mapping[str, Any]) -> Outcome | None:
+    """The 400s the chat endpoint gives (Simulator._unavailable), as a line error."""
+    facts = facts_for(model)
+    formats = ("json_object",) if model in cfg.json_mode_only else (
+        facts.response_formats if facts else ("json_schema", "json_object"))
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (*formats, "text"):
+        return Outcome(status=400, code="invalid_request_error", message=f"Invalid parameter: 'response_format' "
+                       f"of type '{fmt.get('type')}' is not supported with this model.")
+    window = cfg.context_windows.get(model) or (facts.context_window if facts else DEFAULT_CONTEXT_WINDOW)
+    prompt = usage_for(messages, "", model)["prompt_tokens"]
+    if prompt + (body.get("max_tokens") or 0) > window:
+        return Outcome(status=400, code="context_length_exceeded", message=f"This model's maximum context "
+                       f"length is {window} tokens. However, you requested {prompt} tokens.")
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class LineResult:
+    """A line as a terminal batch reports it: ``kind`` is ok, error, expired or cancelled (never ran)."""
+
+    index: int  # position in the submitted lines
+    custom_id: str
+    kind: str
+    outcome: Outcome
+
+
+@dataclass(slots=True)
+class SimBatch:
+    """One batch: its lines and timeline, and what the client did to it since (cancel, delete)."""
+
+    id: str
+    serial: int
+    api: str  # "openrouter" or "openai"
+    model: str
+    endpoint: str
+    lines: tuple[Line, ...]
+    timeline: Timeline
+    created_mono: float
+    created_wall: float
+    errors: tuple[Mapping[str, Any], ...] = ()  # why it fails validation: {code, message, line?}
+    extra: dict[str, Any] = field(default_factory=dict)  # API-specific: input_file_id, metadata, files
+    order: tuple[int, ...] = ()  # the order lines finish in
+    outcomes: tuple[Outcome, ...] = ()  # per line, in submitted order
+    deleted: bool = False
+    _results: tuple[LineResult, ...] | None = None
+
+    def elapsed(self, now: float) -> float:
+        return now - self.created_mono
+
+    def status(self, now: float) -> str:
+        return self.timeline.status_at(self.elapsed(now))
+
+    def done(self, now: float) -> int:
+        return self.timeline.done_at(self.elapsed(now), len(self.lines))
+
+    def counts(self, now: float) -> tuple[int, int, int]:
+        """(completed, failed, expired) lines so far; expired is non-zero only once the batch expired."""
+        k = self.done(now)
+        failed = sum(1 for i in self.order[:k] if not self.outcomes[i].ok)
+        expired = len(self.lines) - k if self.status(now) == "expired" else 0
+        return k - failed, failed, expired
+
+    def reached(self, now: float) -> dict[str, int]:
+        """Unix seconds at which each status reached so far began."""
+        t = self.elapsed(now)
+        return {name: int(self.created_wall + at) for at, name in self.timeline.events() if at <= t}
+
+    def results(self, now: float) -> tuple[LineResult, ...] | None:
+        """Every line's result once terminal (None before): finished lines in the order they finished,
+        then the lines that never ran. Fixed from then on, so pages and files are stable."""
+        if self._results is None and self.status(now) in TERMINAL:
+            k, status = self.done(now), self.status(now)
+            rest = "expired" if status == "expired" else "cancelled"
+            finished = [LineResult(i, self.lines[i].custom_id, "ok" if self.outcomes[i].ok else "error",
+                                   self.outcomes[i]) for i in self.order[:k]]
+            skipped = [LineResult(i, self.lines[i].custom_id, rest, Outcome())
+                       for i in sorted(self.order[k:])] if status != "failed" else []
+            self._results = (*finished, *skipped)
+        return self._results
+
+
+@dataclass(frozen=True, slots=True)
+class SimFile:
+    """An uploaded input file or a batch's output or error file (OpenAI's Files API)."""
+
+    id: str
+    filename: str
+    purpose: str
+    content: bytes
+    created_at: int
+    expires_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchCounters:
+    """What the Batch APIs received and settled: a snapshot, ``BatchBook.counters()``.
+
+    Lines count as answered, failed, expired or cancelled once their batch is terminal (when the
+    client can see them), at the time of the snapshot.
+    """
+
+    batches: Mapping[str, int]  # batches created, per API ("openrouter", "openai")
+    submitted: Mapping[str, int]  # lines submitted per custom_id, over every batch (>1: sent twice)
+    answered: Mapping[str, int]  # lines answered per custom_id
+    lines_failed: int = 0
+    lines_expired: int = 0
+    lines_cancelled: int = 0  # lines a cancel kept from running
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0  # USD billed for answered lines, at the batch price
+    cancels: int = 0  # cancel requests received
+    files: int = 0  # files uploaded
+
+    @property
+    def lines_submitted(self) -> int:
+        return sum(self.submitted.values())
+
+    @property
+    def lines_answered(self) -> int:
+        return sum(self.answered.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-able snapshot (under ``batch`` in ``GET /_sim/stats``)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.update(batches=dict(self.batches), submitted=dict(self.submitted), answered=dict(self.answered),
+                 lines_submitted=self.lines_submitted, lines_answered=self.lines_answered)
+        return d
+
+
+class BatchBook:
+    """Every batch and file the simulator holds, for both APIs, and the counts behind ``counters()``."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.batches: dict[str, SimBatch] = {}
+        self.files: dict[str, SimFile] = {}
+        self._serial = 0
+        self._created: Counter[str] = Counter()
+        self._submitted: Counter[str] = Counter()
+        self._cancels = 0
+        self._uploads = 0
+
+    def add_file(self, filename: str, purpose: str, content: bytes, expires_after: float | None) -> SimFile:
+        self._serial += 1
+        now = int(time.time())
+        f = SimFile(id=f"file-{token(self.config.seed, 'file', self._serial)}", filename=filename, purpose=purpose,
+                    content=content, created_at=now,
+                    expires_at=None if expires_after is None else now + int(expires_after))
+        self.files[f.id] = f
+        if purpose == "batch":
+            self._uploads += 1
+        return f
+
+    def create(self, api: str, model: str, endpoint: str, lines: tuple[Line, ...],
+               errors: tuple[Mapping[str, Any], ...] = (), extra: dict[str, Any] | None = None) -> SimBatch:
+        """Store a batch whose submission was accepted; checks that fail later (validation) are decided
+        now and revealed when validating ends."""
+        cfg = self.config
+        self._serial += 1
+        serial, wall = self._serial, time.time()
+        self._created[api] += 1
+        self._submitted.update(line.custom_id for line in lines)
+        problem = None if errors else model_problem(cfg, model)
+        if problem is not None:
+            errors = ({"code": "model_not_found", "message": problem},)
+        outcomes = () if errors else tuple(outcome_for(cfg, model, line) for line in lines)
+        tokens = sum(_prompt_tokens(line, model) for line in lines)
+        if not errors and api == "openai":
+            errors = self._token_limit(model, tokens)
+        batch_id = (f"batch-{int(wall)}-{token(cfg.seed, api, serial, length=20)}" if api == "openrouter"
+                    else f"batch_{token(cfg.seed, api, serial)}")
+        order = tuple(sorted(range(len(lines)), key=lambda i: draw(cfg.seed, "order", serial, lines[i].custom_id)))
+        batch = SimBatch(id=batch_id, serial=serial, api=api, model=model, endpoint=endpoint, lines=lines,
+                         timeline=plan(cfg, serial, invalid=bool(errors)), created_mono=time.monotonic(),
+                         created_wall=wall, errors=errors, extra={**(extra or {}), "prompt_tokens": tokens},
+                         order=order, outcomes=outcomes)
+        self.batches[batch_id] = batch
+        return batch
+
+    def _token_limit(self, model: str, tokens: int) -> tuple[Mapping[str, Any], ...]:
+        """OpenAI's enqueued-token cap (WIRE-BATCH B5): the prompt tokens of this model's unfinished
+        batches, counted when this one is created; over the cap it fails with token_limit_exceeded."""
+        limit = self.config.batch_enqueued_token_limit
+        if limit is None:
+            return ()
+        now = time.monotonic()
+        enqueued = sum(b.extra["prompt_tokens"] for b in self.batches.values()
+                       if b.api == "openai" and b.model == model and b.status(now) not in TERMINAL)
+        if enqueued + tokens <= limit:
+            return ()
+        return ({"code": "token_limit_exceeded", "message": f"Enqueued token limit reached for {model} in "
+                 f"organization org-sim. Limit: {limit:,} enqueued tokens. Please try again once some "
+                 "in_progress batches have been completed."},)
+
+    def cancel(self, batch: SimBatch, now: float) -> None:
+        """Start draining: ``cancelling`` for batch_cancel_seconds, then ``cancelled``."""
+        self._cancels += 1
+        if batch.timeline.cancel_at is None:
+            batch.timeline = dataclasses.replace(batch.timeline, cancel_at=batch.elapsed(now),
+                                                 cancel_drain=self.config.batch_cancel_seconds)
+
+    def counters(self, now: float | None = None) -> BatchCounters:
+        now = time.monotonic() if now is None else now
+        answered: Counter[str] = Counter()
+        kinds: Counter[str] = Counter()
+        tokens = [0, 0]
+        cost = 0.0
+        for batch in self.batches.values():  # deleted batches too: billing records are kept
+            for r in batch.results(now) or ():
+                kinds[r.kind] += 1
+                if r.kind == "ok":
+                    answered[r.custom_id] += 1
+                    tokens[0] += r.outcome.usage["prompt_tokens"]
+                    tokens[1] += r.outcome.usage["completion_tokens"]
+                    cost += r.outcome.usage["cost"]
+        return BatchCounters(batches=dict(self._created), submitted=dict(self._submitted), answered=dict(answered),
+                             lines_failed=kinds["error"], lines_expired=kinds["expired"],
+                             lines_cancelled=kinds["cancelled"], prompt_tokens=tokens[0],
+                             completion_tokens=tokens[1], cost=round(cost, 12), cancels=self._cancels,
+                             files=self._uploads)
+
+
+def _prompt_tokens(line: Line, model: str) -> int:
+    messages = messages_of(line)
+    return int(usage_for(messages, "", base_model(model))["prompt_tokens"]) if messages else 0
