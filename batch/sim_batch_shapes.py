@@ -21,8 +21,8 @@ from typing import Any
 import orjson
 
 from batch.sim import SimConfig
-from batch.sim_batch import (EXPIRED_MESSAGE, TERMINAL, BatchBook, Line, LineResult, SimBatch, SimFile, draw,
-                             token)
+from batch.sim_batch import EXPIRED_MESSAGE, TERMINAL, BatchBook, LineResult, SimBatch, SimFile
+from batch.sim_batch_lines import Line, draw, token
 
 CHAT = "/v1/chat/completions"
 OPENROUTER_ENDPOINTS = (CHAT, "/v1/responses", "/v1/messages", "/v1/embeddings")
@@ -250,8 +250,8 @@ def openai_batch(book: BatchBook, b: SimBatch, now: float) -> dict[str, Any]:
     p, c, _ = _answered(results or ())
     return {
         "id": b.id, "object": "batch", "endpoint": b.endpoint, "model": b.model or None,
-        "errors": {"object": "list", "data": [{**e, "param": None} for e in b.errors]} if status == "failed"
-        else None,
+        "errors": {"object": "list", "data": [{"code": e["code"], "line": e.get("line"), "message": e["message"],
+                                               "param": None} for e in b.errors]} if status == "failed" else None,
         "input_file_id": b.extra["input_file_id"], "completion_window": "24h", "status": status,
         "output_file_id": out_id, "error_file_id": err_id, "created_at": int(b.created_wall),
         "expires_at": int(b.created_wall + b.timeline.window),
