@@ -23,6 +23,7 @@ It imitates what batch meets on the wire from OpenRouter and OpenAI, on
 - ``GET /v1/models`` lists models with ``context_length`` and per-token
   ``pricing`` strings, as OpenRouter does.
 - ``GET /_sim/stats`` returns what the server counted (``SimCounters``).
+- OpenRouter's and OpenAI's asynchronous Batch APIs: batch/sim_batch.py.
 
 It does **not** imitate streaming, tools, real model quality, or provider
 routing beyond OpenRouter's ``models`` fallback list. Knobs (``SimConfig``) add
