@@ -168,8 +168,9 @@ class SimBatch:
     def results(self, now: float) -> tuple[LineResult, ...] | None:
         """Every line's result once terminal (None before): finished lines in the order they finished,
         then the lines that never ran. Fixed from then on, so pages and files are stable."""
-        if self._results is None and self.status(now) in TERMINAL:
-            k, status = self.done(now), self.status(now)
+        status = self.status(now)
+        if self._results is None and status in TERMINAL:
+            k = self.done(now)
             rest = "expired" if status == "expired" else "cancelled"
             finished = [LineResult(i, self.lines[i].custom_id, "ok" if self.outcomes[i].ok else "error",
                                    self.outcomes[i]) for i in self.order[:k]]
@@ -234,16 +235,15 @@ class BatchBook:
         self.config = config
         self.batches: dict[str, SimBatch] = {}
         self.files: dict[str, SimFile] = {}
-        self._serial = 0
+        self._serial = 0  # batches created; with the seed it draws each batch's timeline
         self._created: Counter[str] = Counter()
         self._submitted: Counter[str] = Counter()
         self._cancels = 0
         self._uploads = 0
 
     def add_file(self, filename: str, purpose: str, content: bytes, expires_after: float | None) -> SimFile:
-        self._serial += 1
         now = int(time.time())
-        f = SimFile(id=f"file-{token(self.config.seed, 'file', self._serial)}", filename=filename, purpose=purpose,
+        f = SimFile(id=f"file-{token(self.config.seed, 'file', len(self.files))}", filename=filename, purpose=purpose,
                     content=content, created_at=now,
                     expires_at=None if expires_after is None else now + int(expires_after))
         self.files[f.id] = f

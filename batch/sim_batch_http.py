@@ -35,14 +35,14 @@ from aiohttp import BodyPartReader, web
 
 from batch.sim import SimConfig, _error
 from batch.sim_batch import TERMINAL, BatchBook, SimBatch
-from batch.sim_batch_shapes import (create_problem, decode_cursor, encode_cursor, file_object, openai_batch,
-                                    openrouter_batch, openrouter_lines, openrouter_line, parse_input,
-                                    submission_problem, THIRTY_DAYS)
+from batch.sim_batch_shapes import (THIRTY_DAYS, create_problem, decode_cursor, encode_cursor, file_object,
+                                    openai_batch, openrouter_batch, openrouter_line, openrouter_lines, parse_input,
+                                    submission_problem)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CHUNK = 1 << 16
-LIST_FILTERS = ("validating", "in_progress", "completed", "failed", "expired", "cancelled")  # A6: not
-# finalizing or cancelling
+# Statuses OpenRouter's list filters on (WIRE-BATCH A6): not finalizing or cancelling.
+LIST_FILTERS = ("validating", "in_progress", "completed", "failed", "expired", "cancelled")
 
 
 def add_batch_routes(app: web.Application, config: SimConfig, book: BatchBook | None = None) -> BatchBook:
@@ -57,6 +57,7 @@ def add_batch_routes(app: web.Application, config: SimConfig, book: BatchBook | 
 
 
 def _guarded(config: SimConfig, handler: Handler) -> Handler:
+    """``handler`` behind the chat endpoint's api_key check."""
     async def guarded(request: web.Request) -> web.StreamResponse:
         if config.api_key is not None and request.headers.get("Authorization") != f"Bearer {config.api_key}":
             return _error(401, "No auth credentials found or the key is invalid", 401)
@@ -88,14 +89,15 @@ async def _read_bounded(chunks: Callable[[int], Awaitable[bytes]], limit: int) -
     return b"".join(parts)
 
 
-def _page(batches: list[SimBatch], after: str | None, limit: int) -> tuple[list[SimBatch], bool] | None:
-    """Newest first from just after ``after``; None when ``after`` names no batch in the list."""
-    batches = sorted(batches, key=lambda b: b.serial, reverse=True)
-    if after is not None:
-        ids = [b.id for b in batches]
-        if after not in ids:
-            return None
-        batches = batches[ids.index(after) + 1:]
+def _page(book: BatchBook, api: str, batches: list[SimBatch], after: str | None, limit: int
+          ) -> tuple[list[SimBatch], bool] | None:
+    """Newest first, from the first batch created before ``after`` (whether or not the filters kept it);
+    None when ``after`` names no batch of this API."""
+    mark = book.batches.get(after) if after is not None else None
+    if after is not None and (mark is None or mark.api != api):
+        return None
+    batches = sorted((b for b in batches if mark is None or b.serial < mark.serial), key=lambda b: b.serial,
+                     reverse=True)
     return batches[:limit], len(batches) > limit
 
 
@@ -173,7 +175,7 @@ class OpenRouterBatches:
         now = _now()
         chosen = [b for b in self.book.batches.values() if b.api == "openrouter" and not b.deleted
                   and (not statuses or b.status(now) in statuses) and lo <= b.created_wall <= hi]
-        page = _page(chosen, request.query.get("after"), limit)
+        page = _page(self.book, "openrouter", chosen, request.query.get("after"), limit)
         if page is None:
             return _error(400, "Invalid 'after': no such batch.", 400)
         data = [openrouter_batch(self.config, b, now, inline=False) for b in page[0]]
@@ -297,8 +299,8 @@ class OpenAIBatches:
         limit = _int_param(request, "limit", 20, 1, 100)
         if limit is None:
             return _openai_error(400, "'limit' must be an integer from 1 to 100.", "limit")
-        page = _page([b for b in self.book.batches.values() if b.api == "openai"], request.query.get("after"),
-                     limit)
+        page = _page(self.book, "openai", [b for b in self.book.batches.values() if b.api == "openai"],
+                     request.query.get("after"), limit)
         if page is None:
             return _openai_error(400, "Invalid 'after': no such batch.", "after")
         now = _now()

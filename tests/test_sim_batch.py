@@ -227,7 +227,7 @@ class TestOpenRouter:
         asyncio.run(go())
 
     def test_list_delete_and_no_cancel_endpoint(self) -> None:
-        """List is newest first without results; delete needs a terminal batch; cancel is an unknown route."""
+        """List is newest first without results and filters by status; delete needs a terminal batch; no cancel."""
         async def go() -> None:
             async with Simulator(SimConfig(**FAST)) as sim, aiohttp.ClientSession() as s:
                 url = f"http://127.0.0.1:{sim.port}/api/v1/batches"
@@ -241,6 +241,10 @@ class TestOpenRouter:
                 assert (await call(s, "POST", f"{url}/{ids[0]}/cancel"))[0] == 404
                 assert (await call(s, "POST", f"{url}/{ids[0]}"))[0] == 405
                 await poll(s, f"{url}/{ids[0]}")
+                _, done = await call(s, "GET", url + "?status=completed&status=expired")
+                assert ids[0] in [b["id"] for b in done["data"]]
+                assert {b["status"] for b in done["data"]} == {"completed"}
+                assert (await call(s, "GET", url + "?status=finalizing"))[0] == 400  # not a filter
                 status, deleted = await call(s, "DELETE", f"{url}/{ids[0]}")
                 assert status == 200 and deleted["deletion"]["openrouter"] == "deleted"
                 assert (await call(s, "GET", f"{url}/{ids[0]}"))[0] == 404
@@ -248,13 +252,14 @@ class TestOpenRouter:
 
         asyncio.run(go())
 
-    def test_inline_results_and_beta_path_knobs(self) -> None:
-        """batch_inline_results="completed" keeps an expired batch's results to /results; the beta path is opt-in."""
+    def test_inline_results_beta_path_and_size_knobs(self) -> None:
+        """batch_inline_results="completed" leaves an expired batch's lines to /results; the beta path is
+        opt-in; a body over batch_max_bytes gets 413."""
         cfg = SimConfig(**{**FAST, "batch_window_seconds": 0.3, "batch_inline_results": "completed"})
+        other = SimConfig(batch_beta_path=True, batch_max_bytes=2_000)
 
         async def go() -> None:
-            async with Simulator(cfg) as sim, Simulator(SimConfig(batch_beta_path=True)) as beta, \
-                    aiohttp.ClientSession() as s:
+            async with Simulator(cfg) as sim, Simulator(other) as beta, aiohttp.ClientSession() as s:
                 url = f"http://127.0.0.1:{sim.port}/api/v1/batches"
                 _, created = await call(s, "POST", url, submission(request_lines(4)))
                 assert (await call(s, "GET", f"{url}/{created['id']}/results"))[0] == 409  # not terminal yet
@@ -265,6 +270,8 @@ class TestOpenRouter:
                                    submission(request_lines(1))))[0] == 404
                 assert (await call(s, "POST", f"http://127.0.0.1:{beta.port}/api/beta/batches",
                                    submission(request_lines(1))))[0] == 202
+                assert (await call(s, "POST", f"http://127.0.0.1:{beta.port}/api/v1/batches",
+                                   submission(request_lines(40))))[0] == 413
 
         asyncio.run(go())
 
