@@ -47,7 +47,8 @@ async def call(s: aiohttp.ClientSession, method: str, url: str, data: bytes | No
 
 
 async def poll(s: aiohttp.ClientSession, url: str, seen: list[str] | None = None) -> dict[str, Any]:
-    """GET until terminal, noting each new status in ``seen``."""
+    """GET until terminal, noting each new status in ``seen`` (which starts with the create answer's
+    status: that answer is the first observation, however short ``validating`` is)."""
     seen = [] if seen is None else seen
     while True:
         _, batch = await call(s, "GET", url)
@@ -67,7 +68,7 @@ class TestOpenRouter:
                 requests = request_lines(12)
                 status, created = await call(s, "POST", url, submission(requests))
                 assert status == 202 and created["status"] == "validating" and created["results"] is None
-                seen: list[str] = []
+                seen: list[str] = [created["status"]]
                 batch = await poll(s, f"{url}/{created['id']}", seen)
                 assert seen == ["validating", "in_progress", "finalizing", "completed"]
                 assert batch["request_counts"] == {"total": 12, "completed": 12, "failed": 0}
@@ -155,7 +156,7 @@ class TestOpenRouter:
             async with Simulator(cfg) as sim, aiohttp.ClientSession() as s:
                 url = f"http://127.0.0.1:{sim.port}/api/v1/batches"
                 _, created = await call(s, "POST", url, submission(request_lines(20)))
-                seen: list[str] = []
+                seen: list[str] = [created["status"]]
                 batch = await poll(s, f"{url}/{created['id']}", seen)
                 assert seen == ["validating", "in_progress", "expired"]
                 ok = [r for r in batch["results"] if r["response"] is not None]
@@ -219,7 +220,7 @@ class TestOpenRouter:
             async with Simulator(SimConfig(**FAST, retired=("old/model",))) as sim, aiohttp.ClientSession() as s:
                 url = f"http://127.0.0.1:{sim.port}/api/v1/batches"
                 status, created = await call(s, "POST", url, submission(request_lines(3), model="old/model"))
-                seen: list[str] = []
+                seen: list[str] = [created["status"]]
                 batch = await poll(s, f"{url}/{created['id']}", seen)
                 assert status == 202 and seen == ["validating", "failed"]
                 assert "old/model" in batch["error"]["message"] and batch["results"] == []
