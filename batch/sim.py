@@ -14,6 +14,7 @@ It imitates what batch meets on the wire from OpenRouter and OpenAI, on
 - ``GET /v1/models`` lists models with ``context_length`` and per-token
   ``pricing`` strings, as OpenRouter does.
 - ``GET /_sim/stats`` returns what the server counted (``SimCounters``).
+- OpenRouter's and OpenAI's asynchronous Batch APIs (batch/sim_batch_http.py).
 
 It does **not** imitate streaming, tools, real model quality, or provider
 routing beyond OpenRouter's ``models`` fallback list. The server counts what
@@ -35,150 +36,22 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from batch.catalog import SIM_FAULTS as FAULTS
 from batch.catalog import facts_for
 from batch.sim_answers import (DEFAULT_PRICES, answer_for, invalid_version, prompt_key, structured_answer, truncate,
                                usage_for)
-from batch.sim_faults import (BILLED_FAULTS, ODD_REPLIES, echo_key, error_response, fault_draw, inject, odd_reply,
-                              pick_fault, unavailable)
+from batch.sim_config import SimConfig, SimCounters
+from batch.sim_faults import BILLED_FAULTS, echo_key, error_response, fault_draw, inject, odd_reply, pick_fault, unavailable
+from batch.sim_batch import BatchBook
+from batch.sim_batch_http import add_batch_routes
 from batch.sim_limits import LimitGate, refusal_response
 
-DEFAULT_CONTEXT_WINDOW = 32_768
-RATE_LIMIT_STYLES = ("openai", "openrouter", "bare")
+__all__ = ["SimConfig", "SimCounters", "SimThread", "Simulator", "serve"]
 
-
-@dataclass(slots=True)
-class SimConfig:
-    """What the simulator does; every field has a safe default.
-
-    Attributes:
-        latency_ms: mean delay before each answer.
-        latency_jitter_ms: uniform +/- spread around the mean.
-        seed: seeds every random choice, so a run is reproducible.
-        api_key: when set, requests must carry ``Bearer <api_key>`` (else 401).
-        context_windows: per-model context window (default: the catalog, else 32,768).
-        models: when non-empty, the only models that exist (others get 404).
-        faults: probability per request of each fault in ``FAULTS``, e.g. {"500": 0.05}.
-        schedule: per model (or "*"), faults for the 1st, 2nd, ... request of each
-            prompt, e.g. {"*": ["429:0.3", "ok"]}; "kind:x" sets that fault's
-            Retry-After to x seconds.
-        down: model -> seconds, counted from the first request, during which it answers 503 (inf: always).
-        retired: models that answer 404 ``model_deprecated``.
-        retry_after_seconds: Retry-After sent with 429 and 503 faults.
-        hang_seconds: how long a "hang" or "stall_body" fault holds the connection.
-        record_times: keep every request's arrival time per prompt (for retry-timing tests).
-        requests_per_minute, tokens_per_minute: limits over a sliding window of ``window_seconds``
-            (tokens = prompt + completion, as usage reports them), counted when a request
-            arrives; requests refused with 429 do not count.
-        limit_windows: shorter windows over which the same limits are also enforced, pro rata
-            (e.g. [1] enforces 1/60 of a per-minute limit in every second, as OpenAI may).
-        rate_limit_style: "openai" (x-ratelimit-* headers on every response, limit and wait
-            stated in 429 messages, no Retry-After), "openrouter" (no headers on success; 429s
-            carry X-RateLimit-* and Retry-After) or "bare" (429 with Retry-After only).
-        report_cost: include ``usage.cost`` as OpenRouter does (False: as OpenAI, tokens only).
-        json_mode_only: models that, like gpt-3.5-turbo, take response_format json_object but refuse
-            json_schema (400), and say so in GET /models supported_parameters.
-        invalid_answers: probability that an answer is invalid for its format: "unsure" instead of
-            one of the offered (a/b/c) choices, or JSON cut short. Drawn per (seed, prompt, nth request).
-        odd_replies: probability per answer of each odd but real-world reply shape (``ODD_REPLIES``):
-            content as a list of parts, numbers as strings, content that is not text, integers beyond
-            64 bits in a JSON answer, usage of the wrong shape. Drawn per (seed, prompt, nth request).
-        echo_key: repeat the request's API key in every error message, as some proxies do ("full"),
-            or masked as OpenAI does ("masked": sk-abc****wxyz); "" repeats nothing.
-    """
-
-    latency_ms: float = 0.0
-    latency_jitter_ms: float = 0.0
-    seed: int = 0
-    api_key: str | None = None
-    context_windows: dict[str, int] = field(default_factory=dict)
-    models: tuple[str, ...] = ()
-    faults: dict[str, float] = field(default_factory=dict)
-    schedule: dict[str, list[str]] = field(default_factory=dict)
-    down: dict[str, float] = field(default_factory=dict)
-    retired: tuple[str, ...] = ()
-    retry_after_seconds: float = 1.0
-    hang_seconds: float = 600.0
-    record_times: bool = False
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    window_seconds: float = 60.0
-    limit_windows: tuple[float, ...] = ()
-    rate_limit_style: str = "openai"
-    report_cost: bool = True
-    invalid_answers: float = 0.0
-    json_mode_only: tuple[str, ...] = ()
-    echo_key: str = ""
-    odd_replies: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for kind in self.faults:
-            if kind not in FAULTS:
-                raise ValueError(f"unknown sim fault {kind!r}; known: {', '.join(FAULTS)}")
-        for kind in self.odd_replies:
-            if kind not in ODD_REPLIES:
-                raise ValueError(f"unknown odd reply {kind!r}; known: {', '.join(ODD_REPLIES)}")
-        if self.echo_key not in ("", "full", "masked"):
-            raise ValueError(f"echo_key must be full, masked or empty, not {self.echo_key!r}")
-        if self.rate_limit_style not in RATE_LIMIT_STYLES:
-            raise ValueError(f"rate_limit_style must be openai, openrouter or bare, not {self.rate_limit_style!r}")
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> SimConfig:
-        """Build from a job's ``[sim]`` table (already validated by job.py)."""
-        known = {k: v for k, v in options.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-
-@dataclass(slots=True)
-class SimCounters:
-    """What the server received and sent; read them after (or during) a run."""
-
-    requests: int = 0
-    by_model: Counter[str] = field(default_factory=Counter)
-    by_prompt: Counter[str] = field(default_factory=Counter)  # hash of the conversation (prompt_key)
-    statuses: Counter[int] = field(default_factory=Counter)
-    in_flight: int = 0
-    peak_in_flight: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    faults: Counter[str] = field(default_factory=Counter)
-    after_success: Counter[str] = field(default_factory=Counter)  # requests for a prompt already answered ok
-    arrivals: dict[str, list[float]] = field(default_factory=dict)  # only with record_times
-    rate_limited: int = 0  # 429s sent because a limit was reached (not injected faults)
-    too_large: int = 0  # 429 "Request too large": one request over the whole token limit
-    peaks: dict[str, dict[str, int]] = field(default_factory=dict)  # budget -> window length -> most admitted
-    admissions: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens); only with record_times
-    refusals: list[float] = field(default_factory=list)  # times of limit 429s; only with record_times
-    invalid_answers: int = 0  # answers made invalid on purpose (invalid_answers)
-    odd_replies: Counter[str] = field(default_factory=Counter)  # odd reply shapes sent (odd_replies)
-    billed_usd: float = 0.0  # what the replies' usage.cost added up to: answers and partly billed failures
-
-    def peak(self, budget: str, seconds: float | None = None) -> int:
-        """The most admitted in any window of ``seconds`` (default: the main window)."""
-        windows = self.peaks.get(budget, {})
-        if seconds is None:
-            return max(windows.values(), default=0) if budget == "offered" else next(iter(windows.values()), 0)
-        return windows.get(f"{seconds:g}", 0)
-
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-able snapshot (``GET /_sim/stats``)."""
-        return {
-            "requests": self.requests, "by_model": dict(self.by_model), "statuses": dict(self.statuses),
-            "faults": dict(self.faults), "rate_limited": self.rate_limited, "too_large": self.too_large,
-            "duplicates_after_success": sum(self.after_success.values()),
-            "peak_in_flight": self.peak_in_flight, "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens, "peaks": self.peaks,
-            "admissions": self.admissions, "refusals": self.refusals, "invalid_answers": self.invalid_answers,
-            "odd_replies": dict(self.odd_replies), "billed_usd": self.billed_usd,
-        }
 
 
 class Simulator:
@@ -198,6 +71,7 @@ class Simulator:
         self._closing = asyncio.Event()
         cfg = self.config
         limits = {"requests": cfg.requests_per_minute, "tokens": cfg.tokens_per_minute}
+        self.batches: BatchBook | None = None  # the Batch APIs' batches, files and counters; made by app()
         self._gate = LimitGate({k: float(v) for k, v in limits.items() if v}, cfg.window_seconds,
                                cfg.limit_windows)
 
@@ -211,6 +85,7 @@ class Simulator:
             app.router.add_post(prefix + "/chat/completions", self._chat)
             app.router.add_get(prefix + "/models", self._models)
         app.router.add_get("/_sim/stats", self._stats)
+        self.batches = add_batch_routes(app, self.config, self.batches)
         return app
 
     async def start(self) -> None:
@@ -235,26 +110,14 @@ class Simulator:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # --- facts -----------------------------------------------------------------
-
-    def response_formats(self, model: str) -> tuple[str, ...]:
-        """What response_format types a model accepts: json_mode_only, else the catalog, else both."""
-        if model in self.config.json_mode_only:
-            return ("json_object",)
-        facts = facts_for(model)
-        return facts.response_formats if facts else ("json_schema", "json_object")
-
-    def context_window(self, model: str) -> int:
-        if model in self.config.context_windows:
-            return self.config.context_windows[model]
-        facts = facts_for(model)
-        return facts.context_window if facts else DEFAULT_CONTEXT_WINDOW
-
     # --- handlers --------------------------------------------------------------
 
     async def _stats(self, request: web.Request) -> web.Response:
         self.counters.peaks = self._gate.peaks()
-        return web.Response(body=orjson.dumps(self.counters.as_dict(), option=orjson.OPT_NON_STR_KEYS),
+        stats = self.counters.as_dict()
+        if self.batches is not None:
+            stats["batch"] = self.batches.counters().as_dict()
+        return web.Response(body=orjson.dumps(stats, option=orjson.OPT_NON_STR_KEYS),
                             content_type="application/json")
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -264,11 +127,11 @@ class Simulator:
             facts = facts_for(name)
             p_in, p_out = (facts.price_input_per_million, facts.price_output_per_million) if facts else DEFAULT_PRICES
             params = ["max_tokens", "temperature", "seed", "stop", "response_format"]
-            if "json_schema" in self.response_formats(name):
+            if "json_schema" in self.config.response_formats(name):
                 params.append("structured_outputs")
             data.append({
                 "id": name,
-                "context_length": self.context_window(name),
+                "context_length": self.config.context_window(name),
                 "supported_parameters": params,
                 "pricing": {"prompt": f"{p_in / 1e6:.10f}", "completion": f"{p_out / 1e6:.10f}"},
             })
@@ -354,7 +217,7 @@ class Simulator:
             down = time.monotonic() - (self._first_request or 0.0) < cfg.down.get(candidate, 0.0)
             refusal = unavailable(candidate, retired=candidate in cfg.retired,
                                   exists=not cfg.models or candidate in cfg.models, down=down,
-                                  formats=self.response_formats(candidate), window=self.context_window(candidate),
+                                  formats=self.config.response_formats(candidate), window=self.config.context_window(candidate),
                                   messages=messages, body=body)
             if refusal is None:
                 return candidate, None

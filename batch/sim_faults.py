@@ -132,14 +132,23 @@ def unavailable(model: str, *, retired: bool, exists: bool, down: bool, formats:
     if down:
         return error_response(503, f"{model} is down", 503, headers={"Retry-After": "0"},
                               metadata={"error_type": "provider_unavailable"})
+    if (refused := request_refusal(model, formats, window, messages, body)) is not None:
+        return error_response(400, refused[1], refused[0])
+    return None
+
+
+def request_refusal(model: str, formats: tuple[str, ...], window: int, messages: list[dict[str, Any]],
+                    body: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(code, message) of the 400 a model gives a request it cannot take: a response_format it
+    refuses, or a prompt plus max_tokens over its context window. None when it can take it."""
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") not in (*formats, "text"):
-        return error_response(400, f"Invalid parameter: 'response_format' of type '{fmt.get('type')}' is not "
-                              "supported with this model.", "invalid_request_error")
+        return "invalid_request_error", (f"Invalid parameter: 'response_format' of type '{fmt.get('type')}' is "
+                                         "not supported with this model.")
     prompt = usage_for(messages, "", model)["prompt_tokens"]
     if prompt + (body.get("max_tokens") or 0) > window:
-        return error_response(400, f"This model's maximum context length is {window} tokens. "
-                              f"However, you requested {prompt} tokens.", "context_length_exceeded")
+        return "context_length_exceeded", (f"This model's maximum context length is {window} tokens. "
+                                           f"However, you requested {prompt} tokens.")
     return None
 
 
