@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 
 from batch.cache import default_cache_path
-from batch.errors import BatchError, InputError, JobError, OutputError
+from batch.errors import BatchError, InputError, Interrupted, JobError, OutputError
 from batch.job import CACHE_MODES, load_job
 from batch.plan import make_plan, scan
 from batch.runner import EXIT_INVALID, EXIT_STOPPED, RunOptions, Summary, run_async
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "compact": _compact, "export": _export, "cache": _cache, "sim": _sim}
     try:
         return commands[args.command](args)
-    except KeyboardInterrupt:  # before a run installed its own handlers (e.g. during the input scan)
+    except (KeyboardInterrupt, Interrupted):  # before a run installed its own handlers
         print("interrupted before anything was sent; nothing was lost. Rerun the same command to start.",
               file=sys.stderr)
         return EXIT_STOPPED

@@ -6,6 +6,7 @@
      ├─ JobError            invalid job file (exit 2); names the key, suggests the closest
      ├─ InputError          names file + line/column; exit 2 before anything is sent
      ├─ OutputError         cannot write; fingerprint mismatch without --force
+     ├─ Interrupted         a signal before anything was sent (exit 3)
      └─ ProviderError       one attempt failed; .model .status .retry_after .detail
          ├─ TransientError    retry this model: timeout, connection, 408/409/5xx, bad body
          │   └─ RateLimited   429: pause the whole model, honour retry-after
@@ -54,6 +55,10 @@ class JobError(BatchError, ValueError):
 
 class InputError(BatchError, ValueError):
     """The input cannot be read; the message names the file and line or row."""
+
+
+class Interrupted(BatchError):
+    """A signal stopped the run before anything was sent (exit 3: rerun to start)."""
 
 
 class OutputError(BatchError, OSError):

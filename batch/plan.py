@@ -10,7 +10,7 @@ arrays (about 10 bytes per id), not as a Python set.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.answers import schema_instruction
-from batch.errors import InputError
+from batch.errors import InputError, Interrupted
 from batch.job import Job
 from batch.prompts import PromptBuilder
 from batch.sources import BadLine, RowBatch, count_rows, read_batches
@@ -128,8 +128,11 @@ class ScanReport:
         return problems
 
 
-def scan(plan: Plan) -> ScanReport:
-    """Read the whole input once; report what would stop or spoil a run."""
+def scan(plan: Plan, interrupted: Callable[[], bool] = lambda: False) -> ScanReport:
+    """Read the whole input once; report what would stop or spoil a run.
+
+    ``interrupted`` is asked between batches: a Ctrl-C during a long scan stops it at once
+    (``Interrupted``), before anything is sent."""
     report = ScanReport()
 
     def bad_line(lineno: int, message: str) -> None:
@@ -142,6 +145,9 @@ def scan(plan: Plan) -> ScanReport:
         return report
     id_arrays: list[pa.Array] = []
     for batch in plan.batches(on_bad_line=bad_line):
+        if interrupted():
+            raise Interrupted("interrupted while checking the input; nothing was sent. Rerun the same command "
+                              "to start")
         ids = plan.builder.ids(batch)
         id_arrays.append(pa.array(ids, pa.string()))
         report.rows += batch.size

@@ -89,6 +89,9 @@ class Pump:
             read_task.cancel()  # no-op when it has finished; else it may wait to put a sentinel nobody takes
             await asyncio.gather(read_task, return_exceptions=True)
         finally:
+            for task in (read_task, *workers):  # cancelled from outside: no worker may outlive the session
+                task.cancel()
+            await asyncio.gather(read_task, *workers, return_exceptions=True)
             mon.cancel()
             loop = asyncio.get_running_loop()
             for sig in installed:

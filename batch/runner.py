@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -112,6 +114,22 @@ async def run_async(job: Job, options: RunOptions | None = None, **overrides: An
         return await _run_locked(job, options, started)
 
 
+@contextlib.contextmanager
+def _early_signals() -> Iterator[threading.Event]:
+    """During the (synchronous) input scan: Ctrl-C or SIGTERM sets the event, which the scan checks between
+    batches. A plain signal handler, because the event loop does not run while the scan does."""
+    event = threading.Event()
+    previous: dict[signal.Signals, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread (a notebook's run): no handler
+            previous[sig] = signal.signal(sig, lambda signum, frame: event.set())
+    try:
+        yield event
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _options(options: RunOptions | None, overrides: dict[str, Any]) -> RunOptions:
     known = {f.name for f in fields(RunOptions)}
     if unknown := sorted(set(overrides) - known):
@@ -122,7 +140,8 @@ def _options(options: RunOptions | None, overrides: dict[str, Any]) -> RunOption
 
 async def _run_locked(job: Job, options: RunOptions, started: float) -> Summary:
     plan = make_plan(job)
-    report = scan(plan)
+    with _early_signals() as interrupted:
+        report = scan(plan, interrupted.is_set)
     if blocking := report.blocking(job.run.on_bad_row):
         raise InputError(f"{job.input.path}: nothing was sent:\n  " + "\n  ".join(blocking))
     out = job.output.path

@@ -115,3 +115,20 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None)
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "batch", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def assert_secret_nowhere(secret: str, out_dir: Path, *texts: str) -> None:
+    """``secret`` is in none of ``texts`` and in no file under ``out_dir``: Parquet files are decoded
+    (their pages are compressed, so a byte search would prove nothing), other files read as bytes."""
+    import pyarrow.parquet as pq
+
+    for text in texts:
+        assert secret not in text
+    for path in out_dir.rglob("*"):
+        if not path.is_file():
+            continue
+        if path.suffix == ".parquet":
+            data = orjson.dumps(pq.read_table(path).to_pylist(), default=str)
+        else:
+            data = path.read_bytes()
+        assert secret.encode() not in data, path
