@@ -17,7 +17,7 @@ note that the report shows.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,9 +96,13 @@ def part_paths(directory: Path) -> list[Path]:
     return sorted(names, key=lambda p: int(_PART_RE.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
-def read_dataset(directory: Path, fields: Sequence[tuple[str, pa.DataType]], notes: list[str]) -> pa.Table | None:
-    """All parts of ``directory`` conformed to ``fields``; None when there is no part."""
-    paths = part_paths(directory)
+def read_dataset(directory: Path, fields: Sequence[tuple[str, pa.DataType]], notes: list[str], *,
+                 list_parts: Callable[[Path], list[Path]] = part_paths) -> pa.Table | None:
+    """All parts of ``directory`` conformed to ``fields``; None when there is no part.
+
+    ``list_parts`` is the listing (a seam for tests that replay a listing gone stale).
+    """
+    paths = list_parts(directory)
     tables: dict[Path, pa.Table] = {}
     gone: list[Path] = []
     for relisted in (False, True):
@@ -114,7 +118,7 @@ def read_dataset(directory: Path, fields: Sequence[tuple[str, pa.DataType]], not
                 tables[path] = empty_table(fields)
         if not gone or relisted:
             break
-        paths, gone = part_paths(directory), []  # take the listing once more: the part may have a new name
+        paths, gone = list_parts(directory), []  # take the listing once more: the part may have a new name
     for path in gone:
         notes.append(f"{path}: disappeared while being read (a running run rewrote it), skipped")
     found = [t for t in tables.values() if t.num_rows]
@@ -125,9 +129,11 @@ def read_dataset(directory: Path, fields: Sequence[tuple[str, pa.DataType]], not
 
 def _read_part(path: Path, fields: Sequence[tuple[str, pa.DataType]]) -> pa.Table:
     # One open: a rename over the path after this keeps our handle on the old, complete file.
-    pf = pq.ParquetFile(path, read_dictionary=[n for n, t in fields if t == _CATEGORY])
-    present = set(pf.schema_arrow.names)
-    table = pf.read(columns=[n for n, _ in fields if n in present], use_threads=True)
+    with open(path, "rb") as f:
+        present = set(pq.read_schema(f).names)
+        f.seek(0)
+        pf = pq.ParquetFile(f, read_dictionary=[n for n, t in fields if t == _CATEGORY and n in present])
+        table = pf.read(columns=[n for n, _ in fields if n in present], use_threads=True)
     return conform(table, fields)
 
 
