@@ -79,6 +79,11 @@ def _frame(axes: np.ndarray, runs: list[dict[str, Any]], width: int, labels: Seq
             _time_axis(ax)
 
 
+def _legend(ax: Axes, where: str = "upper left") -> None:
+    if ax.get_legend_handles_labels()[0]:  # an empty legend box is noise (and a warning)
+        ax.legend(loc=where, fontsize=7)
+
+
 def _time_axis(ax: Axes) -> None:
     locator = matplotlib.dates.AutoDateLocator(maxticks=6)
     ax.xaxis.set_major_locator(locator)
@@ -99,7 +104,7 @@ def throughput_chart(timeline: dict[str, Any], colors: Colors) -> str:
                 bottom.axhline(rps, color=colors.get(key, "grey"), linestyle="--", linewidth=1,
                                label=f"limit {key} ({rps * 60:g}/min)")
         _frame(axes, runs, width, ("rows/s", "requests/s"))
-        axes[1, 0].legend(loc="upper left", fontsize=7)
+        _legend(axes[1, 0])
         return to_svg(fig, "throughput")
 
 
@@ -120,8 +125,7 @@ def failures_chart(timeline: dict[str, Any], colors: Colors) -> str:
             _step(axes[2, col], x, run["fallbacks"], 1, color="black", linestyle="--", label="fallbacks")
         _frame(axes, runs, width, (f"429s per {width} s", f"errors per {width} s", f"by type per {width} s"))
         for row in range(3):
-            if axes[row, 0].get_legend_handles_labels()[0]:
-                axes[row, 0].legend(loc="upper left", fontsize=7)
+            _legend(axes[row, 0])
         return to_svg(fig, "failures")
 
 
@@ -153,7 +157,7 @@ def cost_chart(timeline: dict[str, Any]) -> str:
             if run["max_cost_usd"] is not None:
                 ax.axhline(run["max_cost_usd"], color="#d62728", linestyle="--",
                            label=f"max_cost_usd ${run['max_cost_usd']:g}")
-            ax.legend(loc="upper left", fontsize=7)
+            _legend(ax)
         _frame(axes, runs, width, ("USD spent",))
         return to_svg(fig, "cost")
 
@@ -172,6 +176,6 @@ def latency_chart(latency: dict[str, Any], colors: Colors) -> str:
                            label=f"{p} {m[f'{p}_ms']:,.0f} ms")
             ax.set_xscale("log")
             ax.set_title(f"{key}: {m['count']:,} answers", loc="left")
-            ax.legend(loc="upper right", fontsize=7)
+            _legend(ax, "upper right")
         axes[-1].set_xlabel(f"latency, ms (accepted answers, from the {latency['source']})")
         return to_svg(fig, "latency")
