@@ -141,7 +141,7 @@ def newest_per_id(results: pa.Table, notes: list[str]) -> pa.Table:
     newest = numbered.group_by("id", use_threads=False).aggregate([("i", "max")])["i_max"]
     notes.append(f"{results.num_rows - len(newest)} rows were being redone as this was read: "
                  "each id is counted once, with its newest row")
-    return results.take(pc.sort_indices(newest))
+    return results.take(pc.take(newest, pc.sort_indices(newest)))  # kept rows in part order
 
 
 def _read_part(path: Path, fields: Sequence[tuple[str, pa.DataType]]) -> pa.Table:

@@ -88,6 +88,18 @@ class TestOlderAndRunningOutputs:
             stop.set()
             writer.join(timeout=10)
 
+    def test_a_row_being_redone_counts_once_with_its_newest_answer(self, tmp_path: Path) -> None:
+        """Between a redo's new part and the rewrite of the old one, the id counts once, with the newer row."""
+        out = faulty_output(tmp_path / "out").out
+        table = pq.read_table(out / "results")
+        error_row = table.filter(pc.equal(table["status"], "error"))
+        fixed = error_row.set_column(1, "status", pa.array(["ok"])).set_column(
+            table.schema.get_field_index("error_type"), "error_type", pa.array([None], pa.string()))
+        pq.write_table(fixed, out / "results" / "part-00009.parquet")
+        _, data = build_page(out)
+        assert data["rows"]["by_status"] == {"ok": 50} and data["summary"]["rows"] == 50
+        assert any("1 rows were being redone" in n for n in data["notes"])
+
 
 class TestLive:
     def test_live_stops_by_itself_once_the_run_has_ended(self, tmp_path: Path) -> None:
@@ -123,14 +135,3 @@ class TestLive:
         assert proc.returncode == 0 and stdout.strip() == str(out / "report.html")
         assert 'http-equiv="refresh"' not in (out / "report.html").read_text()
 
-    def test_a_row_being_redone_counts_once_with_its_newest_answer(self, tmp_path: Path) -> None:
-        """Between a redo's new part and the rewrite of the old one, the id counts once, with the newer row."""
-        out = faulty_output(tmp_path / "out").out
-        table = pq.read_table(out / "results")
-        error_row = table.filter(pc.equal(table["status"], "error"))
-        fixed = error_row.set_column(1, "status", pa.array(["ok"])).set_column(
-            table.schema.get_field_index("error_type"), "error_type", pa.array([None], pa.string()))
-        pq.write_table(fixed, out / "results" / "part-00009.parquet")
-        _, data = build_page(out)
-        assert data["rows"]["by_status"] == {"ok": 50} and data["summary"]["rows"] == 50
-        assert any("1 rows were being redone" in n for n in data["notes"])
