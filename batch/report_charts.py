@@ -13,14 +13,15 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import matplotlib
+import matplotlib.dates
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-STYLE = {"svg.fonttype": "none", "font.size": 9, "font.family": "sans-serif", "axes.spines.top": False,
+STYLE: dict[Any, Any] = {"svg.fonttype": "none", "font.size": 9, "font.family": "sans-serif", "axes.spines.top": False,
          "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3, "legend.fontsize": 8,
          "legend.frameon": False, "axes.titlesize": 9, "axes.titleweight": "bold"}
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -79,15 +80,15 @@ def _frame(axes: np.ndarray, runs: list[dict[str, Any]], width: int, labels: Seq
             _time_axis(ax)
 
 
-def _legend(ax: Axes, where: str = "upper left") -> None:
+def _legend(ax: Axes, where: Literal["upper left", "upper right"] = "upper left") -> None:
     if ax.get_legend_handles_labels()[0]:  # an empty legend box is noise (and a warning)
         ax.legend(loc=where, fontsize=7)
 
 
 def _time_axis(ax: Axes) -> None:
-    locator = matplotlib.dates.AutoDateLocator(maxticks=6)
+    locator = matplotlib.dates.AutoDateLocator(maxticks=6)  # type: ignore[no-untyped-call]
     ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(matplotlib.dates.ConciseDateFormatter(locator))
+    ax.xaxis.set_major_formatter(matplotlib.dates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
 
 
 def throughput_chart(timeline: dict[str, Any], colors: Colors) -> str:

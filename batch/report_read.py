@@ -193,7 +193,7 @@ def _read_stats(out_dir: Path, notes: list[str]) -> list[dict[str, Any]]:
     """stats.parquet as one dict per (run, model), with every known key present."""
     path = out_dir / STATS_FILE
     try:
-        rows = pq.read_table(path).to_pylist()
+        rows: list[dict[str, Any]] = pq.read_table(path).to_pylist()
     except FileNotFoundError:
         notes.append("no stats.parquet yet: it is written when a run ends")
         return []
