@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import matplotlib
 import matplotlib.dates
@@ -80,9 +80,14 @@ def _frame(axes: np.ndarray, runs: list[dict[str, Any]], width: int, labels: Seq
             _time_axis(ax)
 
 
-def _legend(ax: Axes, where: Literal["upper left", "upper right"] = "upper left") -> None:
-    if ax.get_legend_handles_labels()[0]:  # an empty legend box is noise (and a warning)
-        ax.legend(loc=where, fontsize=7)
+def _legend(row: Sequence[Axes]) -> None:
+    """One legend per row of panels, right of the last one, so it never hides a line."""
+    seen: dict[str, Any] = {}
+    for ax in row:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    if seen:  # an empty legend box is noise (and a warning)
+        row[-1].legend(list(seen.values()), list(seen), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
 
 
 def _time_axis(ax: Axes) -> None:
@@ -105,7 +110,7 @@ def throughput_chart(timeline: dict[str, Any], colors: Colors) -> str:
                 bottom.axhline(rps, color=colors.get(key, "grey"), linestyle="--", linewidth=1,
                                label=f"limit {key} ({rps * 60:g}/min)")
         _frame(axes, runs, width, ("rows/s", "requests/s"))
-        _legend(axes[1, 0])
+        _legend(axes[1])
         return to_svg(fig, "throughput")
 
 
@@ -125,8 +130,8 @@ def failures_chart(timeline: dict[str, Any], colors: Colors) -> str:
                 _step(axes[2, col], x, counts, 1, color=PALETTE[(i + 3) % len(PALETTE)], label=kind)
             _step(axes[2, col], x, run["fallbacks"], 1, color="black", linestyle="--", label="fallbacks")
         _frame(axes, runs, width, (f"429s per {width} s", f"errors per {width} s", f"by type per {width} s"))
-        for row in range(3):
-            _legend(axes[row, 0])
+        for row in axes:
+            _legend(row)
         return to_svg(fig, "failures")
 
 
@@ -157,8 +162,8 @@ def cost_chart(timeline: dict[str, Any]) -> str:
             ax.step(x, np.append(spent, spent[-1]), where="post", color="#2ca02c", label="spent (cumulative)")
             if run["max_cost_usd"] is not None:
                 ax.axhline(run["max_cost_usd"], color="#d62728", linestyle="--",
-                           label=f"max_cost_usd ${run['max_cost_usd']:g}")
-            _legend(ax)
+                           label="max_cost_usd of the run")
+        _legend(axes[0])
         _frame(axes, runs, width, ("USD spent",))
         return to_svg(fig, "cost")
 
@@ -177,6 +182,6 @@ def latency_chart(latency: dict[str, Any], colors: Colors) -> str:
                            label=f"{p} {m[f'{p}_ms']:,.0f} ms")
             ax.set_xscale("log")
             ax.set_title(f"{key}: {m['count']:,} answers", loc="left")
-            _legend(ax, "upper right")
+            _legend([ax])
         axes[-1].set_xlabel(f"latency, ms (accepted answers, from the {latency['source']})")
         return to_svg(fig, "latency")

@@ -37,7 +37,7 @@ padding:8px 14px;min-width:120px}.card b{display:block;font-size:19px}.card span
 table{border-collapse:collapse;margin:6px 0 12px;font-size:13px}th,td{padding:3px 9px;border-bottom:1px solid #eee;
 text-align:right;vertical-align:top}th{background:#f7f7f7}td.l,th.l{text-align:left}td.msg{text-align:left;
 max-width:480px;overflow-wrap:anywhere;font-family:ui-monospace,monospace;font-size:12px}
-svg.chart{width:100%;height:auto;display:block;margin:4px 0 8px}.missing{color:#a15c00}
+.wide{overflow-x:auto}svg.chart{width:100%;height:auto;display:block;margin:4px 0 8px}.missing{color:#a15c00}
 """
 EXAMPLE_IDS_SHOWN = 5
 
@@ -152,7 +152,7 @@ def _table(head: Sequence[str], rows: Iterable[Sequence[str]], *, left: int = 1,
     ident = f' id="{table_id}"' if table_id else ""
     th = "".join(f"<th{cls(i)}>{h}</th>" for i, h in enumerate(head))
     body = "".join("<tr>" + "".join(f"<td{cls(i)}>{c}</td>" for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table{ident}><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="wide"><table{ident}><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _summary(data: dict[str, Any]) -> list[str]:
