@@ -75,7 +75,7 @@ def _frame(axes: np.ndarray, runs: list[dict[str, Any]], width: int, labels: Seq
         axes[0, col].set_title(f"run {run['run_id']} ({run.get('outcome') or 'unknown'})", loc="left")
         for row in range(len(labels)):
             ax = axes[row, col]
-            ax.set_xlim(x[0], x[-1])
+            ax.set_xlim(x[0], max(x[-1], x[0] + np.timedelta64(10, "s")))  # date ticks need a few seconds
             ax.set_ylim(bottom=0)
             _time_axis(ax)
 
@@ -91,7 +91,7 @@ def _legend(row: Sequence[Axes]) -> None:
 
 
 def _time_axis(ax: Axes) -> None:
-    locator = matplotlib.dates.AutoDateLocator(maxticks=6)  # type: ignore[no-untyped-call]
+    locator = matplotlib.dates.AutoDateLocator(minticks=3, maxticks=8)  # type: ignore[no-untyped-call]
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(matplotlib.dates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
 

@@ -302,7 +302,7 @@ ATTEMPT = st.fixed_dictionaries({
 
 
 class TestArbitraryAttemptLogs:
-    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.lists(ATTEMPT, max_size=30), st.booleans())
     def test_any_attempt_log_gives_a_page_whose_totals_are_the_logs(self, rows: list[dict[str, Any]],
                                                                      two_parts: bool) -> None:
