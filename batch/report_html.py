@@ -70,11 +70,11 @@ def watch(out_dir: Path, dest: Path, *, every: float, sleep: Callable[[float], N
     (``<meta http-equiv="refresh">``); the last write, made once the
     manifest says the run ended, does not, so the final page stays put.
     """
+    dest.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        page, data = build_page(out_dir, refresh_seconds=every)
+        data = build_data(read_output(out_dir))
         ended = run_ended(data)
-        if ended:
-            page, data = build_page(out_dir)
+        page = render(data, draw_charts(data), refresh_seconds=None if ended else every)
         write_atomic(dest, page.encode())
         if on_write is not None:
             on_write(data)
