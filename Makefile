@@ -1,6 +1,6 @@
 # The two commands of the README. Each creates .venv when it is missing and
-# installs the project into it, so a bare machine with only Python needs
-# nothing else.
+# installs the project into it with the test and report extras, so a bare
+# machine with only Python needs nothing else.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,report]'
 	touch $(STAMP)
 
 demo: $(STAMP)

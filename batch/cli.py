@@ -1,4 +1,5 @@
-"""Command line: ``batch run | validate | estimate | stats | compact | export | sim``; a thin layer over the Python API.
+"""Command line: ``batch run | validate | estimate | stats | report | compact | export | cache | sim``; a thin
+layer over the Python API.
 
 Exit codes: 0 every row ok; 1 finished with some ``error`` rows; 2 invalid job
 or input, nothing sent; 3 stopped early (signal, budget, fatal provider
@@ -54,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="summarise an output directory")
     s.add_argument("output", type=Path)
     s.add_argument("--json", action="store_true")
+
+    rp = sub.add_parser("report", help="write a self-contained HTML report of an output directory: throughput, "
+                        "429s, errors, latency, cost (needs pip install 'batch[report]')")
+    rp.add_argument("output", type=Path)
+    rp.add_argument("--html", type=Path, help="the file to write (default OUTPUT/report.html)")
+    rp.add_argument("--live", action="store_true", help="rewrite the report every --every seconds while a run "
+                    "goes on (the page reloads itself); stops when the run ends, or on Ctrl-C")
+    rp.add_argument("--every", type=float, default=10.0, metavar="SECONDS",
+                    help="with --live: seconds between rewrites (default 10)")
 
     c = sub.add_parser("compact", help="write an output's results as one Parquet file")
     c.add_argument("output", type=Path)
@@ -114,7 +124,7 @@ def _keep_pandas_out() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _keep_pandas_out()
-    commands = {"run": _run, "validate": _validate, "estimate": _estimate, "stats": _stats,
+    commands = {"run": _run, "validate": _validate, "estimate": _estimate, "stats": _stats, "report": _report,
                 "compact": _compact, "export": _export, "cache": _cache, "sim": _sim}
     try:
         return commands[args.command](args)
@@ -349,6 +359,38 @@ def _cache(args: argparse.Namespace) -> int:
           f"(stored {when(info.oldest)} to {when(info.newest)})")
     for model, n in info.models.items():
         print(f"  {model}: {n}")
+    return 0
+
+
+REPORT_EXTRA_MISSING = ("batch report draws its charts with matplotlib, which is not installed here: "
+                        "pip install 'batch[report]'")
+
+
+def _report(args: argparse.Namespace) -> int:
+    try:  # the optional extra: every other command works without it
+        import matplotlib  # noqa: F401
+        import numpy  # noqa: F401
+    except ImportError:
+        print(f"error: {REPORT_EXTRA_MISSING}", file=sys.stderr)
+        return EXIT_INVALID
+    from batch.report_html import watch, write_report
+
+    out: Path = args.output
+    if not out.is_dir():
+        raise OutputError(f"{out}: not a directory; give the output.path of a job")
+    dest: Path = args.html or out / "report.html"
+    if not args.live:
+        write_report(out, dest)
+        print(dest)
+        return 0
+    if args.every <= 0:
+        raise JobError("--every: expected a positive number of seconds")
+    print(f"{dest}: rewritten every {args.every:g} s until the run ends (Ctrl-C stops)", file=sys.stderr)
+    try:
+        watch(out, dest, every=args.every)
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    print(dest)
     return 0
 
 
