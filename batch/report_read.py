@@ -16,7 +16,6 @@ note that the report shows.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batch.errors import OutputError
-from batch.sinks import RESULTS_DIR, read_manifest
+from batch.store import RESULTS_DIR, part_files, read_manifest
 from batch.stats import STATS_FILE
 
 ATTEMPTS_DIR = "attempts"
-_PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 _CATEGORY = pa.dictionary(pa.int32(), pa.string())  # repeated strings: read once per value, not per row
 
 # The attempt log's columns (one row per HTTP attempt, cache hit or provider-batch line).
@@ -92,10 +90,9 @@ def read_output(out_dir: Path) -> OutputFiles:
 def part_paths(directory: Path) -> list[Path]:
     """The dataset's part files, in order; hidden names (temporary, set aside) are not parts."""
     try:
-        names = [p for p in directory.iterdir() if _PART_RE.match(p.name)]
-    except FileNotFoundError:
+        return part_files(directory)
+    except FileNotFoundError:  # removed between the check and the listing
         return []
-    return sorted(names, key=lambda p: int(_PART_RE.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
 def read_dataset(directory: Path, fields: Sequence[tuple[str, pa.DataType]], notes: list[str], *,
