@@ -101,7 +101,7 @@ def looks_like_openai_batch(path: Path) -> bool:
 
 def _output(raw: dict[str, Any], base: Path, p: Problems) -> OutputSpec | None:
     w = "output."
-    check_keys(raw, ("path", "flush_rows", "flush_seconds", "raw_response"), w, p)
+    check_keys(raw, ("path", "flush_rows", "flush_seconds", "raw_response", "attempt_log"), w, p)
     path = get(raw, "path", str, w, p, required=True)
     flush_rows = get(raw, "flush_rows", int, w, p, 1000)
     flush_seconds = get(raw, "flush_seconds", float, w, p, 5.0)
@@ -109,7 +109,7 @@ def _output(raw: dict[str, Any], base: Path, p: Problems) -> OutputSpec | None:
     if path is None:
         return None
     return OutputSpec(path=(base / path).resolve(), flush_rows=flush_rows, flush_seconds=flush_seconds,
-                      raw_response=raw_response)
+                      raw_response=raw_response, attempt_log=get(raw, "attempt_log", bool, w, p, True))
 
 
 _MODEL_KEYS = (

@@ -24,11 +24,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batch.attempts import ATTEMPTS_DIR
 from batch.errors import OutputError
 from batch.job import Job
 from batch.lock import LOCK_FILE
 from batch.plan import ScanReport, describe_changes, fingerprint
-from batch.spend import JOURNAL_PREFIX, journal_usage, orphan_journals
+from batch.spend import JOURNAL_PREFIX, journal_usage, orphan_journals, remove_journal
 from batch.stats import STATS_FILE, append_stats, previous_cost, recorded_runs, stats_rows
 from batch.store import MANIFEST, RESULTS_DIR, Ledger, part_files, read_manifest, reconcile, set_aside_damaged
 
@@ -44,11 +45,11 @@ def delete_previous(out: Path) -> None:
             raise OutputError(f"{out}: --fresh deletes only outputs batch made, and there is no {MANIFEST} here; "
                               f"nothing was deleted. Delete {out / RESULTS_DIR} yourself if it is yours to lose")
         return
-    results = out / RESULTS_DIR
-    for path in [*part_files(results), *(p for p in _listing(results) if p.name.startswith(_PART_TEMPS))]:
-        path.unlink(missing_ok=True)
-    if results.is_dir() and not any(results.iterdir()):
-        results.rmdir()
+    for folder in (out / RESULTS_DIR, out / ATTEMPTS_DIR):
+        for path in [*part_files(folder), *(p for p in _listing(folder) if p.name.startswith(_PART_TEMPS))]:
+            path.unlink(missing_ok=True)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
     for path in _listing(out):
         if path.name in (MANIFEST, STATS_FILE) or path.name.startswith(JOURNAL_PREFIX):
             path.unlink(missing_ok=True)
@@ -89,7 +90,7 @@ def close_unfinished(out: Path, manifest: dict[str, Any]) -> None:
     for run_id, path in orphan_journals(out).items():
         if run_id not in known:
             append_stats(out, stats_rows(run_id, journal_usage(path)))
-        path.unlink(missing_ok=True)
+        remove_journal(path)
 
 
 @dataclass(slots=True)

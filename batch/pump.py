@@ -160,6 +160,8 @@ class Pump:
         while True:
             await asyncio.sleep(MONITOR_SECONDS)
             self.sink.flush_if_due()
+            if self.router.log is not None:
+                self.router.log.flush_if_due()
             if self.sink.error is not None:
                 self.stop.request(str(self.sink.error))
             self._check_give_up()

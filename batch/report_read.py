@@ -25,11 +25,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batch.attempts import ATTEMPTS_DIR
 from batch.errors import OutputError
 from batch.store import RESULTS_DIR, part_files, read_manifest
 from batch.stats import STATS_FILE
 
-ATTEMPTS_DIR = "attempts"
 _CATEGORY = pa.dictionary(pa.int32(), pa.string())  # repeated strings: read once per value, not per row
 
 # The attempt log's columns (one row per HTTP attempt, cache hit or provider-batch line).

@@ -34,6 +34,7 @@ import aiohttp
 import orjson
 
 from batch.answers import Checker
+from batch.attempts import AttemptLog
 from batch.breaker import Breaker
 from batch.budget import Budget
 from batch.cache import ResponseCache
@@ -110,10 +111,13 @@ class Policy:
 class _Row:
     """What one row has spent so far across attempts and models, and its last checked answer."""
 
-    __slots__ = ("sent", "charged", "parsed", "invalid_answer")
+    __slots__ = ("sent", "charged", "parsed", "invalid_answer", "started", "clock", "in_flight")
 
     def __init__(self) -> None:
         self.sent = 0
+        self.started = 0.0  # unix time the last attempt was sent (the attempt log)
+        self.clock = 0.0  # perf_counter at that moment, for the latency of failures
+        self.in_flight = False
         self.charged = 0.0
         self.parsed: Any = None
         self.invalid_answer: str | None = None  # kept on the error row when no valid answer came
@@ -128,7 +132,7 @@ class Router:
                  on_fatal: Callable[[FatalError], None], budget: Budget | None = None,
                  on_budget: Callable[[], None] = lambda: None, *, cache: ResponseCache | None = None,
                  row_chains: Mapping[str, Sequence[Target]] | None = None, checker: Checker | None = None,
-                 max_repairs: int = 0) -> None:
+                 max_repairs: int = 0, log: AttemptLog | None = None) -> None:
         self.session = session
         self.budget = budget or Budget(None)
         self.on_budget = on_budget
@@ -137,6 +141,7 @@ class Router:
         # OpenAI Batch lines with their own body.model (body_model = "keep") start at that model
         self.row_chains = {m: list(chain)[:width] for m, chain in (row_chains or {}).items()}
         self.cache = cache
+        self.log = log
         self.checker = checker
         self.max_repairs = max_repairs
         self.policy = policy
@@ -158,6 +163,10 @@ class Router:
                              length_is_failure=self.policy.length_is_failure,
                              keep_body=self.policy.keep_response_body)
             if hit is not None:
+                if self.log is not None:
+                    self.log.add(req.id, 0, "cache", hit.provider or "", hit.model or "", hit.fallback_level or 0,
+                                 time.time(), None, None, "ok", hit.prompt_tokens, hit.completion_tokens, 0.0, "done",
+                                 None)
                 return hit
             if not cache.writable:
                 return error_result(req, "cache_miss", miss_message(req, cache), attempts=0)
@@ -167,7 +176,7 @@ class Router:
         for level, t in enumerate(chain):
             if level > 0:
                 t.stats.fallbacks_in += 1
-            reply, last = await self._attempts(req, t, row, last, is_last=level == final)
+            reply, last = await self._attempts(req, t, row, last, level=level, is_last=level == final)
             if reply is not None:
                 if cache is not None and keys:  # looked up, so cacheable: store the answer
                     cache.put(keys[level], reply.raw, t.model)
@@ -186,7 +195,7 @@ class Router:
         return self.targets if req.model is None else self.row_chains.get(req.model, self.targets)
 
     async def _attempts(self, req: Request, t: Target, row: _Row, last: ProviderError | None, *,
-                        is_last: bool) -> tuple[Reply | None, ProviderError | None]:
+                        level: int, is_last: bool) -> tuple[Reply | None, ProviderError | None]:
         """Up to max_attempts tries at one model; returns (reply, last error).
 
         Every attempt asks the breaker first and reports its outcome after
@@ -209,32 +218,40 @@ class Router:
                 reply = await self._send(req, t, body, row, repairs.extra_tokens if repairs else 0)
             except RateLimited as e:
                 last, waits = e, waits + 1
-                if self._rate_limited(t, req, e, waits, is_last):
+                gave_up = self._rate_limited(t, req, e, waits, is_last)
+                self._log(req, t, row, level, _then(gave_up, is_last, "wait"), e)
+                if gave_up:
                     return None, e
                 continue
             except TransientError as e:
                 last, tries = e, tries + 1
+                self._log(req, t, row, level, _then(tries >= p.max_attempts, is_last, "retry"), e)
                 await self._transient(t, e, row, tries)
                 continue
             except (FallbackError, RejectedError) as e:
                 t.breaker.release()
                 self._failed(t, e, row)
+                self._log(req, t, row, level, _then(True, is_last, ""), e)
                 return None, e
             except FatalError as e:
+                self._log(req, t, row, level, "stopped", e)
                 self._fatal(t, e)
             except BaseException:
                 t.breaker.release()
+                if row.in_flight:  # cut off mid-request by a hard stop
+                    self._log(req, t, row, level, "stopped", outcome="cancelled")
                 raise
             self._succeeded(t)
             if p.length_is_failure and reply.finish_reason == "length" and not is_last:
                 cut = FallbackError("answer cut at max_tokens", model=t.model, kind="truncated")
                 self._failed(t, cut, row, reply)
+                self._log(req, t, row, level, "fallback", cut, reply)
                 return None, cut
-            if repairs is None:
-                return reply, last
-            next_body, invalid = self._judge(t, reply, row, repairs)
+            next_body, invalid = self._judge(t, reply, row, repairs) if repairs is not None else (None, None)
             if next_body is None:
+                self._log(req, t, row, level, "done" if invalid is None else _then(True, is_last, ""), invalid, reply)
                 return (reply, last) if invalid is None else (None, invalid)
+            self._log(req, t, row, level, "repair", reply=reply, outcome="invalid_output")
             body = next_body
         return None, last
 
@@ -321,6 +338,7 @@ class Router:
             row.sent += 1
             t.stats.requests += 1
             limiter.sent()
+            row.started, row.clock, row.in_flight = time.time(), time.perf_counter(), True
             try:
                 reply = await send(self.session, t.endpoint, t.model, body, self.policy.timeout)
             except ProviderError as e:
@@ -336,6 +354,7 @@ class Router:
             self._steer(limiter, reply, reserved)
             return reply
         finally:
+            row.in_flight = False
             if first and not self.stopping:
                 self._opened.set()
 
@@ -349,6 +368,23 @@ class Router:
         limiter.admitted(used)
         if limiter.limited:
             limiter.settle(reserved, used)
+
+    def _log(self, req: Request, t: Target, row: _Row, level: int, then: str, error: ProviderError | None = None,
+             reply: Reply | None = None, outcome: str | None = None) -> None:
+        """One row of the attempt log for the attempt just made (``then``: what the router does next)."""
+        if (log := self.log) is None:
+            return
+        status: int | None = 200
+        tokens: tuple[int | None, int | None] = (None, None)
+        if reply is not None:
+            cost, latency = t.cost_of(reply)[0], reply.latency_ms
+            tokens = (reply.prompt_tokens, reply.completion_tokens)
+        else:
+            cost, status = (error.charged_usd, error.status) if error is not None else (None, None)
+            latency = (time.perf_counter() - row.clock) * 1000
+        log.add(req.id, row.sent, "online", t.provider, t.model, level, row.started, latency, status,
+                outcome or (error.kind if error is not None else "ok"), tokens[0], tokens[1], cost, then,
+                str(error) if error is not None else None)
 
     def _failed(self, t: Target, e: ProviderError, row: _Row, reply: Reply | None = None) -> None:
         t.stats.errors[e.kind] += 1
@@ -394,3 +430,10 @@ class Router:
             level = next((j for j, x in enumerate(chain) if x.model == reply.model), level)
         return result_row(req, attempts=row.sent, reply=reply, provider=t.provider, level=level, parsed=row.parsed,
                           cost=cost, cost_source=source, keep_body=self.policy.keep_response_body)
+
+
+def _then(gives_up: bool, is_last: bool, otherwise: str) -> str:
+    """What follows a failed attempt: ``otherwise`` (retry, wait) unless the row leaves this model."""
+    if not gives_up:
+        return otherwise
+    return "failed" if is_last else "fallback"

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.answers import Checker, make_checker
+from batch.attempts import AttemptLog
 from batch.budget import Budget
 from batch.cache import ResponseCache, default_cache_path
 from batch.catalog import SIM_BASE_URL
@@ -174,19 +175,29 @@ async def _run_output(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
     to_do = report.rows - resume.skipped if limit is None else min(report.rows - resume.skipped, limit)
     progress = Progress(to_do, quiet=options.quiet)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
-    entry: dict[str, object] = {"run_id": run_id, "started": _now(), "ended": None, "outcome": "running"}
+    entry: dict[str, object] = {"run_id": run_id, "started": _now(), "ended": None, "outcome": "running",
+                                "limits": {m.label: {"requests_per_minute": m.requests_per_minute,
+                                                     "tokens_per_minute": m.tokens_per_minute} for m in job.models},
+                                "max_cost_usd": job.run.max_cost_usd}
     manifest.setdefault("runs", []).append(entry)
     write_manifest(out, manifest)
     stop, tally = Stop(), Tally()
     journal = SpendJournal(out, run_id)
+    log = AttemptLog(out, run_id, flush_seconds=job.output.flush_seconds) if job.output.attempt_log else None
     try:
-        targets = await _send_all(job, plan, report.body_models, resume, limit, options, cache, journal, stop,
-                                  tally, progress)
+        targets = await _send_all(job, plan, report.body_models, resume, limit, options, cache, (journal, log),
+                                  stop, tally, progress)
     except JobError as exc:  # found only once the providers were asked (check_models): nothing was sent
         entry.update(ended=_now(), outcome="refused", stop_reason=str(exc))
         write_manifest(out, manifest)
         journal.close(delete=True)
         raise
+    finally:
+        if log is not None:
+            log.close()
+    for problem in (log.error if log is not None else None, journal.error):
+        if problem is not None:
+            progress.message(f"warning: {problem}")
     if cache is not None and cache.error is not None:
         progress.message(f"warning: {cache.error}; the results are complete, but later runs will "
                          "send these requests again")
@@ -210,8 +221,8 @@ async def _run_output(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
 
 
 async def _send_all(job: Job, plan: Plan, body_models: Iterable[str], resume: Resume, limit: int | None,
-                    options: RunOptions, cache: ResponseCache | None, journal: SpendJournal, stop: Stop,
-                    tally: Tally, progress: Progress) -> list[Target]:
+                    options: RunOptions, cache: ResponseCache | None, records: tuple[SpendJournal, AttemptLog | None],
+                    stop: Stop, tally: Tally, progress: Progress) -> list[Target]:
     """The sending part of a run: simulator, session, sink, router, pump. Returns the targets (with stats)."""
     out = job.output.path
     async with _maybe_sim(job) as sim_url:
@@ -233,10 +244,10 @@ async def _send_all(job: Job, plan: Plan, body_models: Iterable[str], resume: Re
             if job.run.check_models and job.run.cache != "replay":
                 await check_models(job, session, targets, progress)
             _check_priced(job, targets)
-            budget = Budget(job.run.max_cost_usd, spent=resume.spent, journal=journal)
+            budget = Budget(job.run.max_cost_usd, spent=resume.spent, journal=records[0])
             router = Router(session, targets[:len(job.models)], _policy(job, plan), on_fatal, budget, on_budget,
                             cache=cache, row_chains=row_chains, checker=checker,
-                            max_repairs=job.output_format.max_repairs if job.output_format else 0)
+                            max_repairs=job.output_format.max_repairs if job.output_format else 0, log=records[1])
             await Pump(job, plan, resume, limit, options.grace_seconds, router, sink, stop, tally, progress,
                        targets).run()
             await sink.drain()

@@ -38,6 +38,7 @@ class OutputSpec:
     flush_rows: int = 1000
     flush_seconds: float = 5.0
     raw_response: bool = False  # keep each reply's JSON body in a response_body column
+    attempt_log: bool = True  # OUT/attempts/: one row per HTTP attempt (batch/attempts.py)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

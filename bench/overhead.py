@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--flush-rows", type=int, default=1000)
     ap.add_argument("--cache", action="store_true", help="also measure the response cache")
+    ap.add_argument("--attempt-log", action="store_true", help="also run with [output] attempt_log = false")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="batch-bench-"))
     results: dict[str, list[tuple[float, float]]] = {"bare aiohttp loop": [], "batch run (full pipeline)": []}
@@ -79,10 +80,15 @@ def main() -> None:
             text = job.read_text().replace("[output]\n", f"[output]\nflush_rows = {args.flush_rows}\n")
             job.write_text(text + f'cache_path = "{cache_file}"\n')
             run = [PYTHON, "-m", "batch", "run", str(job), "--quiet", "--fresh"]
+            no_log = tmp / "job-no-attempt-log.toml"
+            no_log.write_text(job.read_text().replace("[output]\n", "[output]\nattempt_log = false\n"))
             for _ in range(args.rounds):
                 results["bare aiohttp loop"].append(
                     child([PYTHON, "-c", BARE, url, str(args.rows), str(args.concurrency)]))
                 results["batch run (full pipeline)"].append(child(run))
+                if args.attempt_log:
+                    results.setdefault("batch run, attempt log off", []).append(
+                        child([PYTHON, "-m", "batch", "run", str(no_log), "--quiet", "--fresh"]))
                 if args.cache:
                     for suffix in ("", "-wal", "-shm"):
                         Path(f"{cache_file}{suffix}").unlink(missing_ok=True)

@@ -330,14 +330,14 @@ class TestArbitraryAttemptLogs:
 
 
 class TestRealRun:
-    @pytest.mark.skip(reason="needs the runner's attempt log")
     def test_report_of_a_real_run_agrees_with_its_stats(self, tmp_path: Path, sim_factory: Callable[..., SimThread]) -> None:
         """A real run on the simulator with 429s, 5xx and fallbacks: the report's totals equal stats.parquet and the sim's."""
         sim = sim_factory(faults={"429": 0.05, "500": 0.3}, seed=7)
         data_path = write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "text": f"row {i}"} for i in range(300)])
         job = write_job(tmp_path, input_path=data_path, base_url=sim.base_url,
                         models=[{"provider": "local", "model": "openai/gpt-3.5-turbo", "requests_per_minute": 6000},
-                                {"provider": "local", "model": "mistralai/mistral-small"}],
+                                {"provider": "local", "model": "mistralai/mistral-small",
+                                 "price_input_per_million": 1.0, "price_output_per_million": 2.0}],
                         run={"max_attempts": 2, "max_cost_usd": 5.0})
         assert run_cli("run", str(job), "--quiet").returncode in (0, 1)
         out = tmp_path / "out"
