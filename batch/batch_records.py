@@ -246,8 +246,8 @@ class BatchRecords:
             raise ValueError(f"unknown batch API {api!r}; expected one of {', '.join(API_NAMES)}")
         array = as_ids(ids)
         held = self.held_ids()
-        if len(held):
-            clash = pc.filter(array, pc.is_in(array, value_set=held))
+        if len(held):  # hash the new batch's ids and probe the held ones: cheaper than hashing every held row
+            clash = pc.filter(held, pc.is_in(held, value_set=array))
             if len(clash):
                 raise ValueError(f"row {clash[0].as_py()!r} is already held by another batch of this output; "
                                  "a row goes to one batch at a time")
