@@ -67,7 +67,7 @@ def line_result(custom_id: str, envelope: Mapping[str, Any], model: str) -> Line
     error = envelope.get("error")
     status = as_int(response.get("status_code"))
     body = response.get("body")
-    if status == 200 and isinstance(body, dict):
+    if status is not None and 200 <= status < 300 and isinstance(body, dict):
         try:
             reply = reply_from_body(orjson.dumps(body), model)
         except ProviderError as exc:  # an error inside the 200, exactly as online

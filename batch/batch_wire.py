@@ -40,7 +40,7 @@ API_NAMES = ("openrouter", "openai")
 CHAT_PATH = "/v1/chat/completions"
 STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
-# Spellings other APIs use for the same statuses (Anthropic: canceling, ended-less forms).
+# US spellings of the same statuses (Anthropic and some SDKs write "canceled").
 _SPELLINGS = {"canceled": "cancelled", "canceling": "cancelling", "in-progress": "in_progress"}
 # A caller's clock and the provider's differ; find() windows should start this much earlier.
 CLOCK_SKEW_SECONDS = 300

@@ -248,7 +248,8 @@ async def _one_answer_server(answer: bytes | None) -> tuple[asyncio.Server, int]
     """A TCP server that reads one HTTP request, then sends ``answer`` or closes without a word."""
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")), 0)
+        sizes = [int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")]
+        length = sizes[0] if sizes else 0
         await reader.readexactly(length)
         if answer is not None:
             writer.write(answer)

@@ -1,4 +1,7 @@
-"""batch_openai.py: OpenAI's files + batches client over HTTP against the simulator (OpenRouter: test_batch_client.py)."""
+"""batch_openai.py: OpenAI's files + batches client over HTTP against the simulator.
+
+OpenRouter's client and the shared mappings are in test_batch_client.py.
+"""
 
 from __future__ import annotations
 
