@@ -10,7 +10,7 @@ never sends again a row the provider may still answer:
 2. ``mark_submitted`` records the provider's id as soon as ``submit`` returns
    (or ``find`` locates a batch whose answer was lost).
 3. ``mark_status`` records later polls; a terminal status moves the record to
-   ``terminal``.
+   ``terminal`` (``mark_terminal`` insists on one).
 4. ``mark_collected`` once every line the provider returned is a result row
    on disk; ``mark_abandoned`` when the provider will never answer (refused,
    never found, gone).
@@ -277,6 +277,12 @@ class BatchRecords:
         if record.provider_id != info.id:
             raise ValueError(f"{local_id} is provider batch {record.provider_id}, not {info.id}")
         return self._seen(record, info)
+
+    def mark_terminal(self, local_id: str, info: BatchInfo) -> BatchRecord:
+        """``mark_status`` for an answer that must be terminal (ValueError otherwise)."""
+        if not info.terminal:
+            raise ValueError(f"batch {info.id} is {info.status}, not terminal")
+        return self.mark_status(local_id, info)
 
     def _seen(self, record: BatchRecord, info: BatchInfo) -> BatchRecord:
         if record.state == "terminal" and not info.terminal:

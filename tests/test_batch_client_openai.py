@@ -15,7 +15,8 @@ import pytest
 from batch.batch_api import CLOCK_SKEW_SECONDS, BatchLimitError, Limits, OpenAIBatches, batch_failure, client_for
 from batch.errors import FallbackError, RateLimited, RejectedError, TransientError
 from batch.sim import SimConfig, Simulator
-from tests.test_batch_client import DEADLINE, FAST, collect, endpoint, expected, rows, run, wait
+from batch.sim_answers import usage_for
+from tests.test_batch_client import DEADLINE, FAST, collect, endpoint, expected, messages, rows, run, wait
 
 MODEL = "gpt-4o-mini"
 
@@ -37,6 +38,12 @@ class TestOpenAIClient:
             for cid, line in got.items():
                 assert line.reply is not None and line.reply.text == expected(cid, MODEL)[0]
                 assert line.cost is None  # OpenAI bills tokens: the caller prices them at the batch price
+                prefix, i = cid.rsplit("-", 1)
+                usage = usage_for(messages(int(i), prefix), line.reply.text, MODEL)
+                assert (line.reply.prompt_tokens, line.reply.completion_tokens) == (
+                    usage["prompt_tokens"], usage["completion_tokens"])
+            assert sim.batches is not None  # those tokens at half the chat price are what the sim billed
+            assert sim.batches.counters().cost == pytest.approx(sum(expected(cid, MODEL)[1] for cid in got))
             assert done.usage is not None and done.usage.cost is None
             assert done.usage.completion_tokens == sum(x.reply.completion_tokens for x in got.values() if x.reply)
         run(SimConfig(**FAST), test)

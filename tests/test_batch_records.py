@@ -50,7 +50,9 @@ class TestLifecycle:
         rec = records.create(api="openrouter", provider="or", model="m", ids=["a", "b"])
         rec = records.mark_submitted(rec.local_id, info("p1", "validating"))
         assert rec.state == "submitted" and rec.provider_id == "p1" and records.pending().running == (rec,)
-        rec = records.mark_status(rec.local_id, info("p1", "expired"))
+        with pytest.raises(ValueError):
+            records.mark_terminal(rec.local_id, info("p1", "in_progress"))
+        rec = records.mark_terminal(rec.local_id, info("p1", "expired"))
         assert rec.state == "terminal" and rec.status == "expired" and records.pending().finished == (rec,)
         assert rec.request_counts == {"total": 3, "completed": 1, "failed": 0} and held(records) == ["a", "b"]
         rec = records.mark_collected(rec.local_id, lines=2)
