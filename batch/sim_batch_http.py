@@ -5,7 +5,8 @@ OpenRouter (WIRE-BATCH A), under ``/api/v1`` (and ``/api/beta`` with ``batch_bet
     POST   /batches                202 and the batch object; malformed submissions 400 at once
     GET    /batches                newest first, ``results`` null; limit, after, status, created_after/before
     GET    /batches/{id}           ``results`` inline once terminal (``batch_inline_results``)
-    GET    /batches/{id}/results   pages of 1..1000 with stable cursors, once terminal (409 before)
+    GET    /batches/{id}/results   pages of 1..1000 with stable cursors, once terminal (409 before);
+                                   absent with ``batch_results_paging=False`` (the beta)
     DELETE /batches/{id}           terminal batches only (409 otherwise); does not cancel
 
 There is no cancel endpoint: like any unknown route, ``POST /batches/{id}/cancel``
@@ -116,8 +117,9 @@ class OpenRouterBatches:
 
     def routes(self, prefix: str) -> Iterable[tuple[str, str, Handler]]:
         p = prefix + "/batches"
+        paged = (("GET", p + "/{id}/results", self.results),) if self.config.batch_results_paging else ()
         return (("POST", p, self.submit), ("GET", p, self.list), ("GET", p + "/{id}", self.get),
-                ("DELETE", p + "/{id}", self.delete), ("GET", p + "/{id}/results", self.results))
+                ("DELETE", p + "/{id}", self.delete), *paged)
 
     def _find(self, request: web.Request) -> SimBatch | None:
         b = self.book.batches.get(request.match_info["id"])

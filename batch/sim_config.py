@@ -75,6 +75,8 @@ class SimConfig:
         batch_inline_results: when OpenRouter's GET batch carries ``results``: "terminal" (any terminal
             status, the current reference) or "completed" (only completed, as in the beta).
         batch_beta_path: also serve OpenRouter's batches under /api/beta/batches.
+        batch_results_paging: serve OpenRouter's ``GET /batches/{id}/results``; False imitates the beta,
+            which had no download endpoint (results only inline, open question 3).
     """
 
     latency_ms: float = 0.0
@@ -113,6 +115,7 @@ class SimConfig:
     batch_enqueued_token_limit: int | None = None
     batch_inline_results: str = "terminal"
     batch_beta_path: bool = False
+    batch_results_paging: bool = True
 
     def __post_init__(self) -> None:
         for kind in self.faults:
