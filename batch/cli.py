@@ -195,7 +195,7 @@ def _validate(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     plan = make_plan(job)
     report = scan(plan)
-    est = estimate(job)
+    est = estimate(job, live_prices=False)  # validate only needs the context windows: no network
     print(f"{args.job}: job file ok; {report.rows} rows in {job.input.path}")
     blocking = report.blocking(job.run.on_bad_row)
     if (fmt := job.output_format) is not None:

@@ -150,11 +150,12 @@ class _Model:
     high_repairs: float = 0.0
 
 
-def estimate(job: Job) -> Estimate:
+def estimate(job: Job, *, live_prices: bool = True) -> Estimate:
+    """``live_prices=False``: never read a provider's model list, even with run.check_models (validate)."""
     started = time.perf_counter()
     counter = load_counter()
     plan = make_plan(job, counter=counter)
-    listings, warnings = read_listings(job, job.models)
+    listings, warnings = read_listings(job, job.models) if live_prices else ({}, [])
     fmt = job.output_format
     est = Estimate(token_counter=counter.name, exact=counter.exact, notes=warnings,
                    max_repairs=fmt.max_repairs if fmt else 0)
