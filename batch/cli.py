@@ -18,7 +18,9 @@ from pathlib import Path
 
 import orjson
 
+from batch import __version__
 from batch.cache import default_cache_path
+from batch.cli_sim import add_sim_parser, run_sim
 from batch.errors import BatchError, InputError, Interrupted, JobError, OutputError
 from batch.job import CACHE_MODES, load_job
 from batch.plan import make_plan, scan
@@ -27,10 +29,11 @@ from batch.runner import EXIT_INVALID, EXIT_STOPPED, RunOptions, Summary, run_as
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="batch", description="Run many LLM chat completions from a TOML job file.")
+    p.add_argument("--version", action="version", version=f"batch {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a job (resumes where an earlier run stopped)")
-    r.add_argument("job", type=Path)
+    r.add_argument("job", type=Path, help="the job file (TOML)")
     r.add_argument("--output", type=Path, help="override output.path")
     r.add_argument("--concurrency", type=int, help="override run.concurrency")
     r.add_argument("--limit", type=int, help="send at most N rows this run (the rest stay for later)")
@@ -46,15 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--cache-path", type=Path, help="override run.cache_path (the SQLite response cache)")
 
     v = sub.add_parser("validate", help="check the job file and the whole input; send nothing")
-    v.add_argument("job", type=Path)
+    v.add_argument("job", type=Path, help="the job file (TOML)")
 
     e = sub.add_parser("estimate", help="tokens and cost range of a job, from its input; send nothing")
-    e.add_argument("job", type=Path)
-    e.add_argument("--json", action="store_true")
+    e.add_argument("job", type=Path, help="the job file (TOML)")
+    e.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
     s = sub.add_parser("stats", help="summarise an output directory")
-    s.add_argument("output", type=Path)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("output", type=Path, help="an output directory (a job's output.path)")
+    s.add_argument("--json", action="store_true", help="print the runs, models and totals as JSON")
 
     rp = sub.add_parser("report", help="write a self-contained HTML report of an output directory: throughput, "
                         "429s, errors, latency, cost (needs pip install 'batch[report]')")
@@ -66,33 +69,22 @@ def _parser() -> argparse.ArgumentParser:
                     help="with --live: seconds between rewrites (default 10)")
 
     c = sub.add_parser("compact", help="write an output's results as one Parquet file")
-    c.add_argument("output", type=Path)
+    c.add_argument("output", type=Path, help="an output directory (a job's output.path)")
     c.add_argument("--to", type=Path, help="destination file (default OUTPUT/results.parquet)")
 
     x = sub.add_parser("export", help="write an output's results in another format (OpenAI Batch output lines)")
-    x.add_argument("output", type=Path)
+    x.add_argument("output", type=Path, help="an output directory (a job's output.path)")
     x.add_argument("file", type=Path, help="the file to write, e.g. results.jsonl")
-    x.add_argument("--format", choices=("openai-batch",), default="openai-batch")
+    x.add_argument("--format", choices=("openai-batch",), default="openai-batch", help="the output format")
     x.add_argument("--errors", type=Path, help="write error rows to this file instead (OpenAI's error file)")
 
     k = sub.add_parser("cache", help="inspect or prune the response cache")
-    k.add_argument("action", choices=("info", "prune"))
+    k.add_argument("action", choices=("info", "prune"), help="info: what the cache holds; prune: delete old answers")
     k.add_argument("--cache-path", type=Path, help="the cache file (default: the user's, see README)")
     k.add_argument("--older-than-days", type=float, help="prune: delete answers stored more than N days ago")
-    k.add_argument("--json", action="store_true")
+    k.add_argument("--json", action="store_true", help="print what the cache holds as JSON")
 
-    m = sub.add_parser("sim", help="run the OpenAI-compatible simulator on 127.0.0.1")
-    m.add_argument("--port", type=int, default=8765)
-    m.add_argument("--latency-ms", type=float, default=0.0)
-    m.add_argument("--latency-jitter-ms", type=float, default=0.0)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--requests-per-minute", type=int, help="enforce a sliding-window request limit")
-    m.add_argument("--tokens-per-minute", type=int, help="enforce a sliding-window token limit")
-    m.add_argument("--window-seconds", type=float, default=60.0)
-    m.add_argument("--rate-limit-style", choices=("openai", "openrouter", "bare"), default="openai")
-    m.add_argument("--fault", action="append", default=[], metavar="KIND=P",
-                   help="inject a fault with probability P, e.g. --fault 500=0.05 (repeatable)")
-    m.add_argument("--record-times", action="store_true", help="keep admission times for /_sim/stats")
+    add_sim_parser(sub)
     return p
 
 
@@ -125,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _keep_pandas_out()
     commands = {"run": _run, "validate": _validate, "estimate": _estimate, "stats": _stats, "report": _report,
-                "compact": _compact, "export": _export, "cache": _cache, "sim": _sim}
+                "compact": _compact, "export": _export, "cache": _cache, "sim": run_sim}
     try:
         return commands[args.command](args)
     except (KeyboardInterrupt, Interrupted):  # before a run installed its own handlers
@@ -213,7 +205,7 @@ def _validate(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     plan = make_plan(job)
     report = scan(plan)
-    est = estimate(job)
+    est = estimate(job, live_prices=False)  # validate only needs the context windows: no network
     print(f"{args.job}: job file ok; {report.rows} rows in {job.input.path}")
     blocking = report.blocking(job.run.on_bad_row)
     if (fmt := job.output_format) is not None:
@@ -393,26 +385,3 @@ def _report(args: argparse.Namespace) -> int:
     print(dest)
     return 0
 
-
-def _sim(args: argparse.Namespace) -> int:
-    from batch.sim import SimConfig, serve
-
-    faults = {}
-    for spec in args.fault:
-        kind, _, prob = spec.partition("=")
-        try:
-            faults[kind] = float(prob)
-        except ValueError:
-            raise JobError(f"--fault {spec!r}: expected KIND=PROBABILITY, e.g. 500=0.05") from None
-    try:
-        config = SimConfig(latency_ms=args.latency_ms, latency_jitter_ms=args.latency_jitter_ms, seed=args.seed,
-                           requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute,
-                           window_seconds=args.window_seconds, rate_limit_style=args.rate_limit_style,
-                           faults=faults, record_times=args.record_times)
-    except ValueError as exc:
-        raise JobError(str(exc)) from None
-    try:
-        asyncio.run(serve(config, args.port))
-    except KeyboardInterrupt:
-        pass
-    return 0

@@ -23,6 +23,8 @@ from batch.answers import NORMALIZERS, make_checker, schema_problems
 from batch.catalog import BUILTIN_PROVIDERS, SIM_FAULTS, prices_for
 from batch.checks import Problems, check_keys, choice, get, table
 from batch.errors import JobError
+from batch.sim_config import SimConfig
+from batch.sim_knobs import knobs, options_from_table
 from batch.spec import (BODY_MODEL, CACHE_MODES, INPUT_FORMATS, ON_BAD_ROW, InputSpec, Job, ModelSpec,
                         OutputFormatSpec, OutputSpec, ProviderSpec, RunSpec, SimSpec)
 
@@ -210,43 +212,26 @@ def _run(raw: dict[str, Any], base: Path, p: Problems) -> RunSpec:
     return RunSpec(**values)
 
 
-# Keys of [sim]; their meaning lives in batch/sim.py's SimConfig.
-SIM_KEYS: dict[str, type] = {
-    "latency_ms": float,
-    "latency_jitter_ms": float,
-    "seed": int,
-    "requests_per_minute": int,
-    "tokens_per_minute": int,
-    "faults": dict,
-    "schedule": dict,
-    "down": dict,
-    "retired": list,
-    "models": list,
-    "context_windows": dict,
-    "retry_after_seconds": float,
-    "hang_seconds": float,
-    "window_seconds": float,
-    "rate_limit_style": str,
-    "report_cost": bool,
-    "invalid_answers": float,
-    "json_mode_only": list,
-}
+# Keys of [sim]: the fields of SimConfig (batch/sim_config.py), checked by their types (batch/sim_knobs.py).
+SIM_KEYS = tuple(k.name for k in knobs())
 
 
 def _sim(raw: dict[str, Any], p: Problems) -> SimSpec:
-    check_keys(raw, tuple(SIM_KEYS), "sim.", p)
-    options: dict[str, Any] = {}
-    for key, kind in SIM_KEYS.items():
-        value = get(raw, key, kind, "sim.", p, positive=False)
-        if value is not None:
-            options[key] = tuple(value) if kind is list else value
+    before = len(p.lines)
+    check_keys(raw, SIM_KEYS, "sim.", p)
+    options = options_from_table(raw, p)
     for name, prob in (options.get("faults") or {}).items():
         if name not in SIM_FAULTS:
             close = difflib.get_close_matches(name, SIM_FAULTS, n=1)
             p.add(f"sim.faults.{name}", f"unknown fault{'; did you mean ' + repr(close[0]) + '?' if close else ''}"
                   f" (known: {', '.join(SIM_FAULTS)})")
-        elif not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
+        elif not 0 <= prob <= 1:
             p.add(f"sim.faults.{name}", f"expected a probability between 0 and 1, got {prob!r}")
+    if len(p.lines) == before:
+        try:  # the checks SimConfig makes itself (choices, odd reply kinds)
+            SimConfig(**options)
+        except ValueError as exc:
+            p.add("sim", str(exc))
     return SimSpec(options=options)
 
 

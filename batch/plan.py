@@ -206,7 +206,8 @@ def _column_problems(plan: Plan) -> list[str]:
 
 def _duplicates(ids: pa.ChunkedArray, plan: Plan) -> list[str]:
     """Repeated ids, by sorting (about 20 bytes per id, no hash table), then where they are."""
-    ids = pc.filter(ids, pc.not_equal(ids, ""))
+    if pc.any(pc.equal(ids, "")).as_py():  # rows without an id are reported elsewhere; a copy only if any
+        ids = pc.filter(ids, pc.not_equal(ids, ""))
     if len(ids) < 2:
         return []
     ordered = pc.take(ids, pc.sort_indices(ids)).combine_chunks()

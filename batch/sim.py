@@ -41,8 +41,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from batch.catalog import facts_for
-from batch.sim_answers import (DEFAULT_PRICES, answer_for, invalid_version, prompt_key, structured_answer, truncate,
+from batch.sim_answers import (answer_for, invalid_version, prompt_key, sim_prices, structured_answer, truncate,
                                usage_for)
 from batch.sim_config import SimConfig, SimCounters
 from batch.sim_faults import BILLED_FAULTS, echo_key, error_response, fault_draw, inject, odd_reply, pick_fault, unavailable
@@ -121,11 +120,10 @@ class Simulator:
                             content_type="application/json")
 
     async def _models(self, request: web.Request) -> web.Response:
-        names = self.config.models or ("openai/gpt-3.5-turbo",)
+        names = self.config.listed_models()
         data = []
         for name in names:
-            facts = facts_for(name)
-            p_in, p_out = (facts.price_input_per_million, facts.price_output_per_million) if facts else DEFAULT_PRICES
+            p_in, p_out = sim_prices(name)
             params = ["max_tokens", "temperature", "seed", "stop", "response_format"]
             if "json_schema" in self.config.response_formats(name):
                 params.append("structured_outputs")

@@ -141,15 +141,26 @@ def truncate(text: str, max_tokens: int | None) -> tuple[str, str]:
     return text[:end], "length"
 
 
-def usage_for(messages: list[dict[str, Any]], completion: str, model: str) -> dict[str, Any]:
+def sim_prices(model: str) -> tuple[float, float]:
+    """USD per million (input, output) tokens the simulator bills ``model`` at: the catalog, else DEFAULT_PRICES."""
+    facts = facts_for(model)
+    return (facts.price_input_per_million, facts.price_output_per_million) if facts else DEFAULT_PRICES
+
+
+def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """The prompt tokens the simulator reports for ``messages`` (its tokenizer plus chat framing)."""
     prompt = 3
     for m in messages:
         content = m.get("content")
         text = content if isinstance(content, str) else orjson.dumps(content).decode()
         prompt += 4 + count_tokens(text)
+    return prompt
+
+
+def usage_for(messages: list[dict[str, Any]], completion: str, model: str) -> dict[str, Any]:
+    prompt = prompt_tokens(messages)
     completion_tokens = count_tokens(completion)
-    facts = facts_for(model)
-    p_in, p_out = (facts.price_input_per_million, facts.price_output_per_million) if facts else DEFAULT_PRICES
+    p_in, p_out = sim_prices(model)
     cost = (prompt * p_in + completion_tokens * p_out) / 1_000_000
     return {
         "prompt_tokens": prompt,

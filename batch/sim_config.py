@@ -42,6 +42,7 @@ class SimConfig:
         requests_per_minute, tokens_per_minute: limits over a sliding window of ``window_seconds``
             (tokens = prompt + completion, as usage reports them), counted when a request
             arrives; requests refused with 429 do not count.
+        window_seconds: the length of that sliding window.
         limit_windows: shorter windows over which the same limits are also enforced, pro rata
             (e.g. [1] enforces 1/60 of a per-minute limit in every second, as OpenAI may).
         rate_limit_style: "openai" (x-ratelimit-* headers on every response, limit and wait
@@ -139,6 +140,10 @@ class SimConfig:
             return ("json_object",)
         facts = facts_for(model)
         return facts.response_formats if facts else ("json_schema", "json_object")
+
+    def listed_models(self) -> tuple[str, ...]:
+        """What ``GET /models`` lists: ``models`` when set, else the canonical model alone."""
+        return self.models or ("openai/gpt-3.5-turbo",)
 
     def context_window(self, model: str) -> int:
         if model in self.context_windows:

@@ -22,6 +22,9 @@ import pyarrow.parquet as pq
 from batch.errors import InputError
 
 BATCH_ROWS = 1024
+# Parquet is read through a buffered stream, one page at a time. pyarrow's default (pre_buffer) caches
+# every column chunk it reads until the reader is closed: the whole file, whatever the row groups.
+PARQUET_BUFFER_BYTES = 1 << 20
 EXCERPT_CHARS = 80
 
 
@@ -156,7 +159,7 @@ def _bad_line(path: Path, lineno: int, line: bytes, what: str) -> str:
 
 def _read_parquet(path: Path, columns: Sequence[str]) -> Iterator[RowBatch]:
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: not a readable Parquet file: {exc}") from None
     names = pf.schema_arrow.names

@@ -126,3 +126,22 @@ class TestParquet:
             path.write_text(damage)
         with pytest.raises(InputError, match="in.parquet"):
             collect(path, "parquet", ["id"])
+
+
+class TestParquetMemory:
+    def test_one_huge_row_group_is_not_held_whole_while_read(self, tmp_path: Path) -> None:
+        """A file written as one row group (pandas' and pyarrow's default up to 1Mi rows) is read page by
+        page: halfway through, Arrow holds what a few pages take, not the column chunks."""
+        import os
+
+        texts = [os.urandom(75).hex() for _ in range(200_000)]  # 150 characters that do not compress
+        path = tmp_path / "one-group.parquet"
+        pq.write_table(pa.table({"id": [f"r{i}" for i in range(len(texts))], "text": texts}), path,
+                       row_group_size=1 << 20)
+        assert pq.ParquetFile(path).metadata.num_row_groups == 1
+        before = pa.total_allocated_bytes()
+        held = 0
+        for i, batch in enumerate(read_batches(path, "parquet", ["id", "text"])):
+            if i == len(texts) // BATCH_ROWS // 2:
+                held = pa.total_allocated_bytes() - before
+        assert held < path.stat().st_size / 3, f"{held / 1e6:.1f} MB held halfway through a {path.stat().st_size / 1e6:.0f} MB file"
