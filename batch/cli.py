@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="write a self-contained HTML report of an output directory: throughput, "
                         "429s, errors, latency, cost (needs pip install 'batch[report]')")
-    rp.add_argument("output", type=Path)
+    rp.add_argument("output", type=Path, help="the output directory of a job (its output.path)")
     rp.add_argument("--html", type=Path, help="the file to write (default OUTPUT/report.html)")
     rp.add_argument("--live", action="store_true", help="rewrite the report every --every seconds while a run "
                     "goes on (the page reloads itself); stops when the run ends, or on Ctrl-C")
