@@ -29,7 +29,8 @@ import orjson
 from batch.batch_wire import (BATCH_NOT_FOUND, NO_BATCH_API, NO_BATCH_ENDPOINT, NO_ENDPOINT_RE,
                               SubmitUnknownError)
 from batch.errors import FallbackError, ProviderError, RejectedError, TransientError
-from batch.provider import USER_AGENT, Endpoint, classify
+from batch.failures import classify
+from batch.provider import USER_AGENT, Endpoint
 
 MAX_WAIT_SECONDS = 30.0  # the longest a retried read waits, whatever Retry-After says
 MIN_BYTES_PER_SECOND = 1_000_000  # the slowest upload a submission's deadline allows for

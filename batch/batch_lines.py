@@ -38,7 +38,8 @@ import orjson
 
 from batch.batch_wire import BATCH_CANCELLED, BATCH_EXPIRED, as_int, as_mapping
 from batch.errors import ProviderError, TransientError
-from batch.provider import Reply, classify, reply_from_body
+from batch.failures import classify
+from batch.provider import Reply, reply_from_body
 
 _EXPIRED = frozenset({"batch_expired", "expired"})
 _CANCELLED = frozenset({"batch_cancelled", "batch_canceled", "cancelled", "canceled"})

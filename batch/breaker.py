@@ -3,11 +3,14 @@
 ::
 
     closed --(threshold consecutive failures)--> open --(cool-down)--> half-open
-    half-open: exactly one probe goes through; success closes, failure reopens.
+    half-open: exactly one probe goes through; its success closes, its failure reopens.
 
-The router asks ``allow()`` before every attempt and reports the outcome with
-``success()``, ``failure()`` or ``release()`` (an outcome that says nothing
-about the model's health, such as a 429).
+The router asks ``allow()`` before every attempt: ``GO`` (closed), ``PROBE``
+(this attempt is the one probe) or ``NO``. It reports the outcome with
+``success``, ``failure`` or ``release`` (an outcome that says nothing about
+the model's health, such as a 429), passing ``probe=True`` for the probe:
+only the probe's own outcome ends the half-open state, so requests that were
+already in flight when the breaker opened cannot let a second probe through.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import time
 from collections.abc import Callable
 
 from batch.errors import ProviderError
+
+NO, GO, PROBE = 0, 1, 2
 
 
 class Breaker:
@@ -35,31 +40,35 @@ class Breaker:
     def is_open(self) -> bool:
         return self.failures >= self.threshold
 
-    def allow(self) -> bool:
-        """May a request go to this model now? Claims the probe when half-open."""
+    def allow(self) -> int:
+        """May a request go to this model now? PROBE claims the one half-open probe."""
         if self.failures < self.threshold:
-            return True
+            return GO
         if self.probing or self.clock() < self.open_until:
-            return False
+            return NO
         self.probing = True
-        return True
+        return PROBE
 
-    def success(self) -> None:
+    def success(self, probe: bool = False) -> None:
         self.failures = 0
-        self.probing = False
+        if probe:
+            self.probing = False
 
-    def failure(self, error: ProviderError | None = None) -> None:
+    def failure(self, error: ProviderError | None = None, probe: bool = False) -> None:
         if error is not None:
             self.last_error = str(error)
         self.failures += 1
-        if self.failures >= self.threshold and (self.probing or self.failures == self.threshold):
+        if probe or self.failures == self.threshold:
             self.open_until = self.clock() + self.cooldown
-            self.opened += 1
-        self.probing = False
+            if self.failures >= self.threshold:
+                self.opened += 1
+        if probe:
+            self.probing = False
 
-    def release(self) -> None:
-        """A probe ended without a verdict (e.g. rate limited): let another probe."""
-        self.probing = False
+    def release(self, probe: bool = False) -> None:
+        """An attempt ended without a verdict (e.g. rate limited); a probe's lets another probe go."""
+        if probe:
+            self.probing = False
 
     def seconds_to_probe(self) -> float:
         return max(0.05, self.open_until - self.clock())

@@ -44,13 +44,19 @@ def facts_for(model: str) -> ModelFacts | None:
     return KNOWN_MODELS.get(model)
 
 
-def prices_for(model: str, price_in: float | None, price_out: float | None) -> tuple[float | None, float | None]:
-    """USD per million (input, output) tokens: the job's override, else the built-in table, else None."""
+FLEX_PRICE_FACTOR = 0.5  # flex is billed at Batch API rates (WIRE-BATCH.md C1)
+
+
+def prices_for(model: str, price_in: float | None, price_out: float | None,
+               service_tier: str | None = None) -> tuple[float | None, float | None]:
+    """USD per million (input, output) tokens: the job's override, else the built-in table (at half for
+    the flex tier), else None."""
     facts = facts_for(model)
+    factor = FLEX_PRICE_FACTOR if service_tier == "flex" else 1.0
     if price_in is None and facts is not None:
-        price_in = facts.price_input_per_million
+        price_in = facts.price_input_per_million * factor
     if price_out is None and facts is not None:
-        price_out = facts.price_output_per_million
+        price_out = facts.price_output_per_million * factor
     return price_in, price_out
 
 

@@ -124,6 +124,8 @@ class RateLimited(TransientError):
     scope: str | None = None
     limit_requests: float | None = None
     limit_tokens: float | None = None
+    evidence: bool = False  # it says our rate reached a limit (headers, a stated limit), not a scattered refusal
+    capacity: bool = False  # OpenRouter's capacity_exhausted: the model's providers are full
 
 
 class FallbackError(ProviderError):

@@ -116,8 +116,9 @@ def _output(raw: dict[str, Any], base: Path, p: Problems) -> OutputSpec | None:
 
 _MODEL_KEYS = (
     "provider", "model", "requests_per_minute", "tokens_per_minute", "context_window",
-    "price_input_per_million", "price_output_per_million",
+    "price_input_per_million", "price_output_per_million", "service_tier",
 )
+SERVICE_TIERS = ("flex", "priority", "default", "auto")
 
 
 def _models(root: Mapping[str, Any], p: Problems) -> tuple[ModelSpec, ...]:
@@ -145,11 +146,13 @@ def _models(root: Mapping[str, Any], p: Problems) -> tuple[ModelSpec, ...]:
             context_window=get(m, "context_window", int, w, p),
             price_input_per_million=price_in,
             price_output_per_million=price_out,
+            service_tier=choice(m, "service_tier", SERVICE_TIERS, w, p, "") or None,
         )
         specs.append(spec)
     labels = [s.label for s in specs]
     for label in {x for x in labels if labels.count(x) > 1}:
-        p.add("models", f"{label} is listed twice; each model appears once in the chain")
+        p.add("models", f"{label} is listed twice; each model appears once in the chain (the same model may "
+              "appear again at another service_tier)")
     return tuple(specs)
 
 
@@ -301,7 +304,7 @@ def _check_prices(models: tuple[ModelSpec, ...], run: RunSpec, p: Problems) -> N
     if run.max_cost_usd is None or run.check_models:
         return  # with check_models the live prices are read at start, and a model still unpriced stops it there
     for i, m in enumerate(models):
-        if None in prices_for(m.model, m.price_input_per_million, m.price_output_per_million):
+        if None in prices_for(m.model, m.price_input_per_million, m.price_output_per_million, m.service_tier):
             p.add(f"models[{i}]", f"run.max_cost_usd needs a price for {m.model}, which the built-in price table "
                   "does not know: set price_input_per_million and price_output_per_million (USD) on this model, "
                   "or run.check_models = true to read live prices from the provider's model list")

@@ -1,285 +1,269 @@
 """Stage 4: per-model request and token budgets that run at the limit, not into it.
 
-``ModelLimiter.acquire(tokens)`` waits until one more request of that many
-(estimated) tokens fits both budgets, and until any pause ordered by a 429
-has passed. After the reply, ``settle`` swaps the estimate for the tokens the
-provider reported, so the token budget tracks what the provider counts.
+``Pace`` is one budget (requests or tokens per minute). It spaces requests by
+GCRA (the generic cell rate algorithm): a request may go once the debt of the
+ones before it has drained at the pace's rate, and then adds its own amount
+as debt. There is no burst, so a provider that enforces a per-minute limit
+over shorter windows too (OpenAI: "60,000 requests per minute may be enforced
+as 1,000 per second") sees the rate, never a spike; after a pause the first
+request goes and the next waits its turn, so a pause is never followed by a
+burst. On top, an exact log of the last 60 seconds is a hard cap: no sliding
+minute ever holds more than the limit, even for requests larger than a
+second's worth of tokens. ``SAFETY_MARGIN`` keeps the pace just under the
+limit, for the jitter between our clock and the provider's.
 
-Bucket sizing: a leaky bucket of capacity C draining r per second admits up
-to C + 60·r in a sliding minute. aiolimiter's natural setting (C = limit over
-60 s) admits almost *twice* the limit in one window. Here C is half a second
-of the rate and r = (limit·(1 - margin) - C) / 60, so no 60-second window can
-exceed the limit (``SAFETY_MARGIN`` absorbs network jitter between our clock
-and the provider's). After the rate is lowered the capacity stays as it was,
-so the bound holds while C stays under half the new limit: for any cut
-smaller than 60x.
+``Gate`` holds both budgets of one model and the queue of requests waiting
+for them, in arrival order: a request takes its request *and* its tokens in
+one step, when both allow, so a large prompt waiting for tokens holds back
+the requests behind it instead of letting them pass and burst later. A pause
+(ordered by a 429) holds every waiter. ``Gate`` is pure (any clock, no
+asyncio): the tests drive it on a virtual clock, and the Ray engine's
+cluster-wide limiter wraps the same object.
 
-Steering, per model:
-- headers (``x-ratelimit-limit|remaining|reset-*``, read on every response):
-  a stated limit below ours becomes ours; nothing remaining pauses the model
-  until the stated reset;
-- a 429 pauses the whole model for the advised time; a limit stated in it
-  (headers or message) is adopted; otherwise, once per episode, the rate
-  drops to what the provider actually *admitted* over the last 60 s, in
-  requests and in tokens (under a sliding-window limit that is the limit
-  itself), but never below half the current rate (multiplicative decrease:
-  early in a run little has been admitted yet). The lowered rate is
-  remembered as the limit found; after a calm spell the rate climbs back to
-  it by 2% a step every 2 s, then probes beyond it by only 0.5% every 20 s
-  (so a job limit far above the real one does not mean repeated 429 storms).
+``ModelLimiter`` is the asyncio face of a Gate for one process; steering by
+what providers say (headers, 429s) is in batch/steer.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from aiolimiter import AsyncLimiter
-
-BURST_SECONDS = 0.5
 SAFETY_MARGIN = 0.005
-ADMITTED_MARGIN = 0.97  # of what the provider admitted in the last minute, after a 429
-FLOOR = 0.5  # a 429 never cuts the rate below half of what it was
-INCREASE_STEP = 0.02  # of the ceiling
-INCREASE_EVERY = 2.0  # seconds without a 429 between steps
-CALM_AFTER_429 = 6.0  # seconds before increases resume
-PROBE_STEP = 0.005  # of the limit found, beyond it
-PROBE_EVERY = 20.0
-EPISODE_SECONDS = 2.0  # 429s closer together than this are one episode: one decrease
+WINDOW = 60.0  # the window a per-minute limit is counted over
+EDGE = 0.01  # seconds: an admission leaves our 60 s log this much after it leaves the provider's
+EPSILON = 1e-6  # seconds: a wait shorter than this is no wait (float rounding of the debt)
 
 
-def _sizing(per_minute: float, min_capacity: float) -> tuple[float, float]:
-    """(capacity, time_period) for AsyncLimiter such that no 60 s window admits more than per_minute."""
-    usable = per_minute * (1 - SAFETY_MARGIN)
-    capacity = min(max(min_capacity, per_minute / 60.0 * BURST_SECONDS), usable / 2)
-    return capacity, _period(usable, capacity)
+class Pace:
+    """One budget: ``per_minute`` units, spaced evenly, never more than that in any 60 s."""
 
+    __slots__ = ("per_minute", "cap", "rate", "debt", "stamp", "log", "total", "horizon")
 
-def _period(usable: float, capacity: float) -> float:
-    rate = max(usable - capacity, usable / 2)  # per 60 s, after the first burst of `capacity`
-    return capacity * 60.0 / rate
-
-
-class SteerableLimiter(AsyncLimiter):
-    """aiolimiter's leaky bucket, plus a rate that can change and amounts that can be reconciled.
-
-    The capacity is fixed when the bucket is made; ``set_rate`` changes only
-    the drain rate. (Shrinking the capacity under a waiting acquire of a
-    larger amount would leave it waiting forever.) ``take`` goes through a
-    FIFO lock, so a large prompt is not starved by small ones (aiolimiter
-    alone serves smaller waiting amounts first).
-
-    The additions touch aiolimiter's bucket level (``_level``, ``_leak``,
-    ``_wake_next``, ``_rate_per_sec``); pyproject pins aiolimiter below 2.
-    """
-
-    def __init__(self, per_minute: float, *, min_capacity: float = 1.0) -> None:
-        self.per_minute = per_minute
-        capacity, period = _sizing(per_minute, min_capacity)
-        super().__init__(capacity, period)
-        self._fifo = asyncio.Lock()  # aiolimiter serves smaller waiting amounts first: big prompts could starve
+    def __init__(self, per_minute: float, now: float = 0.0) -> None:
+        self.set_rate(per_minute)
+        self.debt = 0.0  # units not yet drained at ``stamp``
+        self.stamp = now
+        self.log: deque[list[float]] = deque()  # [time, amount] of the last 60 s
+        self.total = 0.0
+        self.horizon = -WINDOW  # entries older than this are out of the log
 
     def set_rate(self, per_minute: float) -> None:
-        self._leak()
         self.per_minute = per_minute
-        self.time_period = _period(per_minute * (1 - SAFETY_MARGIN), self.max_rate)
-        self._rate_per_sec = self.max_rate / self.time_period
-        self._wake_next()
+        self.cap = per_minute  # the hard cap: EDGE covers the skew between our clock and the provider's
+        self.rate = per_minute * (1 - SAFETY_MARGIN) / WINDOW  # units per second
 
-    async def take(self, amount: float) -> None:
-        """Acquire ``amount`` in arrival order; an amount larger than the bucket takes the whole
-        bucket and owes the rest, which the next requests wait for."""
-        async with self._fifo:
-            part = min(amount, self.max_rate)
-            await self.acquire(part)
-            if amount > part:
-                self.adjust(amount - part)
+    def wait(self, now: float, amount: float) -> float:
+        """Seconds until ``amount`` may go: the debt before it drained, and room in the last 60 s."""
+        spacing = self._debt(now) / self.rate
+        return max(spacing, self._window_wait(now, amount))
 
-    def adjust(self, delta: float) -> None:
-        """Add (or, negative, give back) capacity already used, e.g. estimate -> reported usage."""
-        self._leak()
-        self._level = max(0.0, self._level + delta)
-        self._wake_next()
+    def take(self, now: float, amount: float) -> list[float]:
+        """Admit ``amount`` now; returns its log entry (to settle it later)."""
+        self.debt = self._debt(now) + amount
+        self.stamp = now
+        entry = [now, amount]
+        self.log.append(entry)
+        self.total += amount
+        return entry
+
+    def settle(self, now: float, entry: list[float], actual: float) -> None:
+        """Replace an admitted estimate with what the provider counted (0: it counted nothing)."""
+        delta = actual - entry[1]
+        if entry[0] > self.horizon:  # still in the 60 s log
+            entry[1] = actual
+            self.total += delta
+        self.debt = max(0.0, self._debt(now) + delta)
+        self.stamp = now
+
+    def _debt(self, now: float) -> float:
+        return max(0.0, self.debt - self.rate * (now - self.stamp))
+
+    def _window_wait(self, now: float, amount: float) -> float:
+        self._expire(now)
+        excess = self.total + amount - self.cap
+        if excess <= 0 or not self.log:
+            return 0.0  # an empty window takes even an amount over the cap (the provider decides)
+        for t, a in self.log:
+            excess -= a
+            if excess <= 0:
+                return t + WINDOW + EDGE - now
+        return self.log[-1][0] + WINDOW + EDGE - now
+
+    def _expire(self, now: float) -> None:
+        self.horizon = now - WINDOW - EDGE
+        log = self.log
+        while log and log[0][0] <= self.horizon:
+            self.total -= log.popleft()[1]
+
+
+@dataclass(slots=True)
+class Ticket:
+    """What one admitted request took, so that it can be settled or refunded."""
+
+    tokens: float
+    request_entry: list[float] | None = None
+    token_entry: list[float] | None = None
+
+
+@dataclass(slots=True)
+class Waiter:
+    tokens: float
+    granted: Ticket | None = None
+    cancelled: bool = False
+
+
+@dataclass(slots=True)
+class Gate:
+    """Both budgets of one model, a pause, and the queue of waiting requests (first come, first served)."""
+
+    requests: Pace | None = None
+    tokens: Pace | None = None
+    paused_until: float = 0.0
+    queue: deque[Waiter] = field(default_factory=deque)
+
+    @property
+    def limited(self) -> bool:
+        return self.requests is not None or self.tokens is not None or bool(self.paused_until)
+
+    def wait(self, now: float, tokens: float) -> float:
+        """Seconds until one request of ``tokens`` fits both budgets and the pause is over."""
+        w = self.paused_until - now
+        if self.requests is not None:
+            w = max(w, self.requests.wait(now, 1.0))
+        if self.tokens is not None:
+            w = max(w, self.tokens.wait(now, tokens))
+        return w if w > EPSILON else 0.0
+
+    def take(self, now: float, tokens: float) -> Ticket:
+        ticket = Ticket(tokens)
+        if self.requests is not None:
+            ticket.request_entry = self.requests.take(now, 1.0)
+        if self.tokens is not None:
+            ticket.token_entry = self.tokens.take(now, tokens)
+        return ticket
+
+    def grant(self, now: float) -> tuple[list[Waiter], float | None]:
+        """Admit waiters from the head of the queue while they fit; returns them and the seconds until
+        the next one may go (None: nobody waits)."""
+        granted: list[Waiter] = []
+        queue = self.queue
+        while queue:
+            head = queue[0]
+            if head.cancelled:
+                queue.popleft()
+                continue
+            wait = self.wait(now, head.tokens)
+            if wait:
+                return granted, wait
+            queue.popleft()
+            head.granted = self.take(now, head.tokens)
+            granted.append(head)
+        return granted, None
+
+    def settle(self, now: float, ticket: Ticket, used_tokens: float) -> None:
+        """The provider counted ``used_tokens`` for this request (and the request itself)."""
+        if self.tokens is not None and ticket.token_entry is not None:
+            self.tokens.settle(now, ticket.token_entry, used_tokens)
+
+    def refund(self, now: float, ticket: Ticket) -> None:
+        """The provider counted nothing (a 429): give back the request and its tokens."""
+        if self.requests is not None and ticket.request_entry is not None:
+            self.requests.settle(now, ticket.request_entry, 0.0)
+        if self.tokens is not None and ticket.token_entry is not None:
+            self.tokens.settle(now, ticket.token_entry, 0.0)
+
+    def set_limit(self, which: str, per_minute: float, now: float) -> None:
+        pace = self.requests if which == "requests" else self.tokens
+        if pace is not None:
+            pace.set_rate(per_minute)
+        elif which == "requests":
+            self.requests = Pace(per_minute, now)
+        else:
+            self.tokens = Pace(per_minute, now)
+
+    def limit(self, which: str) -> float | None:
+        pace = self.requests if which == "requests" else self.tokens
+        return pace.per_minute if pace is not None else None
 
 
 class ModelLimiter:
-    """Budgets for one model; a no-op fast path until a limit is configured or discovered."""
+    """A Gate for one process: ``await acquire(tokens)`` returns a Ticket when both budgets allow.
 
-    def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None,
+    The unlimited case (no limit configured or discovered) costs no coroutine:
+    callers check ``limited`` first. Steering (batch/steer.py) sets the gate's
+    rates and pauses from what the provider says.
+    """
+
+    def __init__(self, requests_per_minute: float | None, tokens_per_minute: float | None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self.ceiling_rpm: float | None = requests_per_minute
-        self.ceiling_tpm: float | None = tokens_per_minute
-        self.requests = SteerableLimiter(requests_per_minute) if requests_per_minute else None
-        self.tokens = SteerableLimiter(tokens_per_minute) if tokens_per_minute else None
-        self.paused_until = 0.0
-        self.waiting = 0  # requests held back right now; shown by the progress line
-        self.limited = self.requests is not None or self.tokens is not None
-        self._last_429 = -1e9
-        self._last_step = 0.0
-        self._found: dict[str, float] = {}  # the rate the last 429 episode settled on, per budget
-        self._ring: list[list[int]] = []  # [second, sent, answered ok, tokens of those]; <= 61 entries
+        now = clock()
+        self.gate = Gate(Pace(requests_per_minute, now) if requests_per_minute else None,
+                         Pace(tokens_per_minute, now) if tokens_per_minute else None)
+        self._futures: dict[int, asyncio.Future[Ticket]] = {}
+        self._timer: asyncio.TimerHandle | None = None
 
-    async def acquire(self, tokens: int) -> None:
-        if not self.limited:
-            return
-        self.waiting += 1
-        try:
-            while (delay := self.paused_until - self.clock()) > 0:
-                await asyncio.sleep(delay)
-            if self.requests is not None:
-                await self.requests.take(1)
-            if self.tokens is not None:
-                await self.tokens.take(tokens)
-        finally:
-            self.waiting -= 1
+    @property
+    def limited(self) -> bool:
+        return self.gate.limited
+
+    @property
+    def waiting(self) -> int:
+        """Requests held back right now (shown by the progress line)."""
+        return len(self.gate.queue)
 
     @property
     def paused(self) -> bool:
-        return self.paused_until > self.clock()
+        return self.gate.paused_until > self.clock()
+
+    async def acquire(self, tokens: float) -> Ticket:
+        waiter = Waiter(tokens)
+        self.gate.queue.append(waiter)
+        future: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
+        self._futures[id(waiter)] = future
+        self._wake()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            waiter.cancelled = True
+            if waiter.granted is not None:  # granted in the same instant it was cancelled
+                self.gate.refund(self.clock(), waiter.granted)
+            self._wake()
+            raise
+        finally:
+            self._futures.pop(id(waiter), None)
 
     def pause(self, seconds: float) -> None:
-        """Hold every request of this model for ``seconds``."""
-        self.paused_until = max(self.paused_until, self.clock() + seconds)
-        self.limited = True
+        """Hold every request of this model, those already waiting too, for ``seconds``."""
+        self.gate.paused_until = max(self.gate.paused_until, self.clock() + seconds)
+        self._wake()
 
-    def settle(self, reserved: int, used: int) -> None:
-        """Replace a request's estimated tokens with what the provider reported."""
-        if self.tokens is not None and used > 0:
-            self.tokens.adjust(used - reserved)
-        self._maybe_increase()
+    def settle(self, ticket: Ticket, used_tokens: float) -> None:
+        self.gate.settle(self.clock(), ticket, used_tokens)
+        self._wake()
 
-    def refund(self, reserved: int) -> None:
-        """A 429'd request was not counted by the provider: give its budget back."""
-        if self.requests is not None:
-            self.requests.adjust(-1)
-        if self.tokens is not None:
-            self.tokens.adjust(-reserved)
+    def refund(self, ticket: Ticket) -> None:
+        self.gate.refund(self.clock(), ticket)
+        self._wake()
 
-    def sent(self) -> None:
-        """Note one request sent now."""
-        self._slot()[1] += 1
+    def set_limit(self, which: str, per_minute: float) -> None:
+        self.gate.set_limit(which, per_minute, self.clock())
+        self._wake()
 
-    def admitted(self, tokens: int) -> None:
-        """Note one request the provider answered (what a 429 is later measured against)."""
-        slot = self._slot()
-        slot[2] += 1
-        slot[3] += tokens
-
-    def _slot(self) -> list[int]:
-        second = int(self.clock())
-        ring = self._ring
-        if ring and ring[-1][0] == second:
-            return ring[-1]
-        ring.append([second, 0, 0, 0])
-        if len(ring) > 61:
-            del ring[0]
-        return ring[-1]
-
-    def last_minute(self) -> tuple[float, int, int]:
-        """(requests sent per minute, scaled up while the run is younger; requests and tokens
-        the provider answered in the last 60 s)."""
-        now = int(self.clock())
-        recent = [e for e in self._ring if e[0] > now - 60]
-        if not recent:
-            return 0.0, 0, 0
-        span = min(60, now - recent[0][0] + 1)
-        return (sum(e[1] for e in recent) * 60.0 / span, sum(e[2] for e in recent), sum(e[3] for e in recent))
-
-    def observe(self, limit_requests: float | None, limit_tokens: float | None,
-                remaining_requests: float | None, remaining_tokens: float | None,
-                reset_requests: float | None, reset_tokens: float | None) -> None:
-        """Steer by what x-ratelimit-* headers said about the provider's real limits."""
-        if limit_requests:
-            self._adopt("requests", limit_requests)
-        if limit_tokens:
-            self._adopt("tokens", limit_tokens)
-        if remaining_requests is not None and remaining_requests <= 0 and reset_requests:
-            self.pause(reset_requests)
-        if remaining_tokens is not None and remaining_tokens <= 0 and reset_tokens:
-            self.pause(reset_tokens)
-
-    def on_rate_limited(self, wait: float, scope: str | None,
-                        limit_requests: float | None, limit_tokens: float | None) -> None:
-        """A 429: pause everyone, adopt a stated limit, else decrease once per episode."""
-        now = self.clock()
-        self.pause(wait)
-        new_episode = now - self._last_429 > max(EPISODE_SECONDS, wait)
-        self._last_429 = now
-        if limit_requests or limit_tokens:
-            if limit_requests:
-                self._adopt("requests", limit_requests)
-            if limit_tokens:
-                self._adopt("tokens", limit_tokens)
-            return
-        if not new_episode:
-            return
-        sent_rpm, requests, tokens = self.last_minute()
-        if scope in (None, "requests"):
-            current = self.requests.per_minute if self.requests is not None else sent_rpm
-            self._lower("requests", requests * ADMITTED_MARGIN, current * FLOOR)
-        if scope == "tokens" or (scope is None and self.tokens is not None):
-            current = self.tokens.per_minute if self.tokens is not None else float(tokens)
-            self._lower("tokens", tokens * ADMITTED_MARGIN, current * FLOOR)
-
-    # --- internals ----------------------------------------------------------------
-
-    def _adopt(self, which: str, limit: float) -> None:
-        """A limit the provider stated is the new ceiling, and the rate if ours is higher."""
-        if which == "requests":
-            if self.ceiling_rpm is None or limit < self.ceiling_rpm:
-                self.ceiling_rpm = limit
-            if self.requests is None or self.requests.per_minute > limit:
-                self._set("requests", limit)
-        else:
-            if self.ceiling_tpm is None or limit < self.ceiling_tpm:
-                self.ceiling_tpm = limit
-            if self.tokens is None or self.tokens.per_minute > limit:
-                self._set("tokens", limit)
-
-    def _lower(self, which: str, admitted: float, floor: float) -> None:
-        """Lower a budget to what was admitted (remembered as the limit found), or to the floor."""
-        per_minute = max(1.0, admitted, floor)
-        bucket = self.requests if which == "requests" else self.tokens
-        if bucket is None or per_minute < bucket.per_minute:
-            self._set(which, per_minute)
-        if admitted >= floor:  # a measurement of the limit, not just a cautious halving
-            self._found[which] = per_minute
-        else:
-            self._found.pop(which, None)
-
-    def _set(self, which: str, per_minute: float) -> None:
-        if which == "requests":
-            if self.requests is None:
-                self.requests = SteerableLimiter(per_minute)
-            else:
-                self.requests.set_rate(per_minute)
-        else:
-            if self.tokens is None:
-                self.tokens = SteerableLimiter(per_minute)
-            else:
-                self.tokens.set_rate(per_minute)
-        self.limited = True
-
-    def _maybe_increase(self) -> None:
-        """Additive increase: back to the limit found quickly, beyond it slowly."""
-        now = self.clock()
-        if now - self._last_429 < CALM_AFTER_429 or now - self._last_step < INCREASE_EVERY:
-            return
-        self._last_step = now
-        for which, bucket, ceiling in (("requests", self.requests, self.ceiling_rpm),
-                                       ("tokens", self.tokens, self.ceiling_tpm)):
-            if bucket is None:
-                continue
-            top = ceiling if ceiling is not None else bucket.per_minute * 1.5
-            found = self._found.get(which)
-            if found is None or bucket.per_minute < found:
-                step = INCREASE_STEP * (found if found is not None else top)
-                new = bucket.per_minute + step if found is None else min(found, bucket.per_minute + step)
-            elif now - self._last_429 >= PROBE_EVERY and (now - self._last_429) % PROBE_EVERY < INCREASE_EVERY:
-                new = bucket.per_minute + PROBE_STEP * found
-            else:
-                continue
-            if new > bucket.per_minute and bucket.per_minute < top:
-                bucket.set_rate(min(top, new))
+    def _wake(self) -> None:
+        """Grant whoever fits now, and set one timer for the head of the queue."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        granted, wait = self.gate.grant(self.clock())
+        for waiter in granted:
+            future = self._futures.get(id(waiter))
+            if future is not None and not future.done():
+                assert waiter.granted is not None
+                future.set_result(waiter.granted)
+        if wait is not None:
+            self._timer = asyncio.get_running_loop().call_later(wait, self._wake)

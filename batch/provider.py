@@ -16,12 +16,12 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
 import orjson
 
+from batch.failures import RateInfo, classify, rate_info
 from batch.errors import (
     FallbackError,
     FatalError,
@@ -33,11 +33,6 @@ from batch.errors import (
 )
 
 USER_AGENT = "batch/0.1 (+https://github.com/batch-runner/batch)"
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_LIMIT_RE = re.compile(r"\bLimit:? (\d+)")
-_TRY_AGAIN_RE = re.compile(r"try again in (\d+(?:\.\d+)?)(ms|s)", re.I)
-_CONTEXT_WORDS = ("context length", "context_length", "maximum context", "too many tokens", "context window")
-_FILTER_WORDS = ("content_filter", "content_policy", "moderation", "flagged", "safety")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,18 +61,6 @@ def make_endpoint(name: str, base_url: str, api_key_env: str | None, extra: Mapp
             headers["Authorization"] = f"Bearer {key}"
     return Endpoint(name=name, url=base_url.rstrip("/") + "/chat/completions", headers=headers,
                     secret=key if api_key_env and key else None)
-
-
-@dataclass(frozen=True, slots=True)
-class RateInfo:
-    """What x-ratelimit-* headers said; None where a header was absent."""
-
-    remaining_requests: float | None = None
-    remaining_tokens: float | None = None
-    reset_requests: float | None = None  # seconds
-    reset_tokens: float | None = None
-    limit_requests: float | None = None
-    limit_tokens: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,143 +210,6 @@ def _money(value: Any) -> float | None:
     except ValueError:
         return None
     return amount if math.isfinite(amount) else None
-
-
-def classify(status: int, body: bytes | dict[str, Any], headers: Mapping[str, str], model: str) -> ProviderError:
-    """Translate a failed response into the error class that decides what happens next."""
-    data: Any = body
-    if isinstance(body, (bytes, bytearray)):
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            data = {}
-    err = data.get("error") if isinstance(data, dict) else None
-    if not isinstance(err, dict):
-        err = {"message": str(err) if err else (body[:200].decode("utf-8", "replace") if isinstance(body, bytes) else "")}
-    code = err.get("code")
-    meta = err.get("metadata") or {}
-    etype = str(meta.get("error_type") or err.get("type") or "")
-    message = str(err.get("message") or "")
-    if status == 200 and isinstance(code, int) and code >= 400:
-        status = code  # OpenRouter's error object inside a 200 carries the real status
-    avail = err.get("availability") if isinstance(err.get("availability"), dict) else None
-    words = f"{code} {etype} {message}".lower()
-    kw: dict[str, Any] = {"model": model, "status": status, "retry_after": retry_after(headers, err, message)}
-    detail = message or f"HTTP {status}"
-
-    if "insufficient_quota" in words or "quota" in etype:
-        return FatalError(detail, kind="quota_exceeded", **kw)
-    if avail is not None and avail.get("retryable") is False:
-        kind = "model_not_found" if avail.get("code") in ("model_not_found", "model_deprecated") else "model_unavailable"
-        return FallbackError(detail, kind=kind, **kw)
-    if status == 429:
-        return _rate_limited(detail, words, headers, message, kw)
-    if status in (401, 402) or (status == 403 and not any(w in words for w in _FILTER_WORDS)):
-        kind = {401: "auth", 402: "payment_required", 403: "forbidden"}[status]
-        return FatalError(detail, kind=kind, **kw)
-    if any(w in words for w in _CONTEXT_WORDS):
-        return FallbackError(detail, kind="context_length", **kw)
-    if any(w in words for w in _FILTER_WORDS):
-        return FallbackError(detail, kind="content_filter", **kw)
-    if status == 404 or "model_not_found" in words or "model_deprecated" in words:
-        return FallbackError(detail, kind="model_not_found", **kw)
-    if status in (408, 504):
-        return TransientError(detail, kind="timeout", **kw)
-    if status == 409 or status >= 500 or status == 200:
-        return TransientError(detail, kind="upstream_error" if status == 200 else "server_error", **kw)
-    return RejectedError(detail, kind="bad_request", **kw)
-
-
-def _rate_limited(detail: str, words: str, headers: Mapping[str, str], message: str,
-                  kw: dict[str, Any]) -> RateLimited:
-    """A 429 with what it says about the limit: which budget, and its size if stated."""
-    e = RateLimited(detail, **kw)
-    e.scope = "tokens" if "token" in words else "requests" if "request" in words else None
-    info = rate_info(headers, always=True)
-    assert info is not None
-    e.limit_requests = info.limit_requests
-    e.limit_tokens = info.limit_tokens
-    if e.limit_requests is None and (v := headers.get("x-ratelimit-limit")) is not None:
-        try:  # OpenRouter's platform limit, sent only on its 429s
-            e.limit_requests = float(v)
-        except ValueError:
-            pass
-    if (m := _LIMIT_RE.search(message)) and e.limit_requests is None and e.limit_tokens is None:
-        stated = float(m.group(1))
-        if "tpm" in words or "tokens per min" in words:
-            e.limit_tokens = stated
-        elif "rpm" in words or "requests per min" in words:
-            e.limit_requests = stated
-    return e
-
-
-def parse_duration(value: str) -> float | None:
-    """Seconds from a Go-style duration (``1s``, ``6m0s``, ``12ms``, ``1.5s``) or a bare number."""
-    value = value.strip()
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    parts = _DURATION_RE.findall(value)
-    if not parts or "".join(n + u for n, u in parts) != value:
-        return None
-    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-    return sum(float(n) * scale[u] for n, u in parts)
-
-
-def retry_after(headers: Mapping[str, str], err: Mapping[str, Any], message: str) -> float | None:
-    """How long the provider asked us to wait, from the most precise source it gave."""
-    if (ms := headers.get("retry-after-ms")) is not None:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    if (ra := headers.get("retry-after")) is not None:
-        try:
-            return max(0.0, float(ra))
-        except ValueError:
-            try:
-                return max(0.0, parsedate_to_datetime(ra).timestamp() - time.time())
-            except (TypeError, ValueError):
-                pass
-    avail = err.get("availability")
-    if isinstance(avail, dict) and isinstance(avail.get("retry_after"), (int, float)):
-        return float(avail["retry_after"])
-    resets = [r for h in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
-              if h in headers and (r := parse_duration(headers[h])) is not None]
-    if resets:
-        return max(resets)
-    if m := _TRY_AGAIN_RE.search(message):
-        return float(m.group(1)) / (1000 if m.group(2).lower() == "ms" else 1)
-    return None
-
-
-def rate_info(headers: Mapping[str, str], *, always: bool = False) -> RateInfo | None:
-    """x-ratelimit-* headers of a response, or None when it sent none (the common case)."""
-    rr = headers.get("x-ratelimit-remaining-requests")
-    rt = headers.get("x-ratelimit-remaining-tokens")
-    if rr is None and rt is None and not always:
-        return None
-
-    def num(name: str) -> float | None:
-        v = headers.get(name)
-        try:
-            return float(v) if v is not None else None
-        except ValueError:
-            return None
-
-    def dur(name: str) -> float | None:
-        v = headers.get(name)
-        return parse_duration(v) if v is not None else None
-
-    return RateInfo(
-        remaining_requests=num("x-ratelimit-remaining-requests"),
-        remaining_tokens=num("x-ratelimit-remaining-tokens"),
-        reset_requests=dur("x-ratelimit-reset-requests"),
-        reset_tokens=dur("x-ratelimit-reset-tokens"),
-        limit_requests=num("x-ratelimit-limit-requests"),
-        limit_tokens=num("x-ratelimit-limit-tokens"),
-    )
 
 
 @dataclass(frozen=True, slots=True)

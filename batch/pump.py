@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from batch.plan import Plan
 
 MONITOR_SECONDS = 0.25
+WORKERS_PER_SLOT = 4
 
 
 class Stop:
@@ -74,7 +75,10 @@ class Pump:
         self.grace_seconds = grace_seconds
         self.router, self.sink, self.stop, self.tally, self.progress = router, sink, stop, tally, progress
         self.targets = list(targets)
-        self.queue: asyncio.Queue[Request | object] = asyncio.Queue(maxsize=2 * job.run.concurrency)
+        # More workers than requests in flight: a row waiting out a 429 or a backoff holds a worker, not one
+        # of the `concurrency` slots of the router, so scattered waits do not stall the run.
+        self.workers = job.run.concurrency * WORKERS_PER_SLOT
+        self.queue: asyncio.Queue[Request | object] = asyncio.Queue(maxsize=2 * self.workers)
         self._opened = {t.model: 0 for t in self.targets}
         self._signals = 0
 
@@ -82,7 +86,7 @@ class Pump:
         """Run reader, workers and monitor until the input is exhausted or the run stops."""
         installed = self._install_signals()
         read_task = asyncio.create_task(self.reader())
-        workers = [asyncio.create_task(self.worker()) for _ in range(self.job.run.concurrency)]
+        workers = [asyncio.create_task(self.worker()) for _ in range(self.workers)]
         mon = asyncio.create_task(self.monitor())
         try:
             await self._supervise(read_task, workers)
@@ -122,7 +126,7 @@ class Pump:
             if budget == 0:
                 break
             await asyncio.sleep(0)  # let workers run between batches
-        for _ in range(self.job.run.concurrency):
+        for _ in range(self.workers):
             await self.queue.put(_DONE)
 
     async def worker(self) -> None:
@@ -165,6 +169,7 @@ class Pump:
             if self.sink.error is not None:
                 self.stop.request(str(self.sink.error))
             self._check_give_up()
+            self._check_reachable()
             self._warn_breakers()
             held = [f"{t.model} {'paused' if t.limiter.paused else 'at limit'}"
                     for t in self.targets if t.limiter.waiting]
@@ -176,6 +181,16 @@ class Pump:
         if router.failures_since_success and silent > self.job.run.give_up_seconds:
             self.stop.request(f"no model has answered for {silent:.0f}s ({router.failures_since_success} failures "
                               f"in a row); giving up (run.give_up_seconds). Rerun to resume.")
+
+    def _check_reachable(self) -> None:
+        """Nothing answered yet and the endpoint refuses connections: a server not started, a wrong base_url."""
+        router = self.router
+        since = router.unreachable_since
+        if since is not None and not router.ever_answered and \
+                time.monotonic() - since > self.job.run.unreachable_seconds:
+            self.stop.request(f"cannot reach {router.unreachable_url} ({router.unreachable_error}); no request of "
+                              f"this run was answered in {self.job.run.unreachable_seconds:g}s. Is the server "
+                              "running, and is the provider's base_url right? Rerun to resume.")
 
     def _warn_breakers(self) -> None:
         for t in self.targets:
@@ -217,8 +232,10 @@ class Pump:
         while pending:
             if stop.reason is not None and deadline is None:
                 deadline = time.monotonic() + self.grace_seconds
+                self.router.stopping = True  # no new request; those in flight may finish
                 await self._drop_unstarted(read_task, len(workers))
-            if stop.hard or (deadline is not None and time.monotonic() >= deadline):
+            nothing_in_flight = deadline is not None and self.router.in_flight == 0
+            if stop.hard or nothing_in_flight or (deadline is not None and time.monotonic() >= deadline):
                 self.router.stopping = True
                 for w in pending:
                     w.cancel()
@@ -228,7 +245,7 @@ class Pump:
             watch: set[asyncio.Task[object]] = {*pending, waiter}
             if not read_task.done():
                 watch.add(read_task)
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            timeout = None if deadline is None else min(0.1, max(0.0, deadline - time.monotonic()))
             done, _ = await asyncio.wait(watch, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             pending -= done

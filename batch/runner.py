@@ -247,7 +247,8 @@ async def _send_all(job: Job, plan: Plan, body_models: Iterable[str], resume: Re
             budget = Budget(job.run.max_cost_usd, spent=resume.spent, journal=records[0])
             router = Router(session, targets[:len(job.models)], _policy(job, plan), on_fatal, budget, on_budget,
                             cache=cache, row_chains=row_chains, checker=checker,
-                            max_repairs=job.output_format.max_repairs if job.output_format else 0, log=records[1])
+                            max_repairs=job.output_format.max_repairs if job.output_format else 0, log=records[1],
+                            on_gone=lambda t: progress.message(_gone_message(job, t, targets)))
             await Pump(job, plan, resume, limit, options.grace_seconds, router, sink, stop, tally, progress,
                        targets).run()
             await sink.drain()
@@ -257,13 +258,20 @@ async def _send_all(job: Job, plan: Plan, body_models: Iterable[str], resume: Re
     return targets
 
 
+def _gone_message(job: Job, t: Target, targets: list[Target]) -> str:
+    later = [x.label for x in targets[t.level + 1:len(job.models)] if x.gone is None]
+    fate = f"its rows go to {later[0]}" if later and job.run.fallback else "its rows end as error rows"
+    return f"warning: {t.label}: {t.gone}. It is out of the chain for the rest of this run; {fate}"
+
+
 def _policy(job: Job, plan: Plan) -> Policy:
     r = job.run
     return Policy(max_attempts=r.max_attempts, timeout=r.timeout_seconds, fallback=r.fallback,
                   backoff_base=r.backoff_base_seconds, backoff_max=r.backoff_max_seconds,
                   max_rate_limit_waits=r.max_rate_limit_waits, max_tokens=plan.max_tokens,
                   length_is_failure=r.length_is_failure, spill_on_rate_limit=r.spill_on_rate_limit,
-                  keep_response_body=job.output.raw_response)
+                  keep_response_body=job.output.raw_response, max_wait=r.max_wait_seconds,
+                  concurrency=r.concurrency)
 
 
 def _check_priced(job: Job, targets: list[Target]) -> None:

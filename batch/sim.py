@@ -44,7 +44,9 @@ from aiohttp import web
 from batch.sim_answers import (answer_for, invalid_version, prompt_key, sim_prices, structured_answer, truncate,
                                usage_for)
 from batch.sim_config import SimConfig, SimCounters
-from batch.sim_faults import BILLED_FAULTS, echo_key, error_response, fault_draw, inject, odd_reply, pick_fault, unavailable
+from batch.catalog import FLEX_PRICE_FACTOR
+from batch.sim_faults import (BILLED_FAULTS, echo_key, error_response, fault_draw, flex_refusal, inject, odd_reply,
+                              pick_fault, unavailable)
 from batch.sim_batch import BatchBook
 from batch.sim_batch_http import add_batch_routes
 from batch.sim_limits import LimitGate, refusal_response
@@ -183,6 +185,10 @@ class Simulator:
         model, refusal = self._route(model, messages, body)
         if refusal is not None:
             return refusal
+        flex = body.get("service_tier") == "flex"
+        if flex and cfg.flex_refusals and fault_draw(cfg.seed + 3, key, nth) < cfg.flex_refusals:
+            self.counters.flex_refusals += 1
+            return flex_refusal(cfg.rate_limit_style, cfg.retry_after_seconds)
         fault, arg = pick_fault(cfg.faults, cfg.schedule, cfg.seed, model, key, nth)
         if fault is not None:
             self.counters.faults[fault] += 1
@@ -190,7 +196,9 @@ class Simulator:
                 self.counters.billed_usd += usage_for(messages, "par", model)["cost"]
             return await inject(fault, arg, request, model, messages, retry_after=cfg.retry_after_seconds,
                                 hang_seconds=cfg.hang_seconds, closing=self._closing)
-        return self._reply(key, nth, model, text, finish, usage, headers)
+        if flex:  # billed at the Batch API rate (WIRE-BATCH.md C1)
+            usage["cost"] = round(usage["cost"] * FLEX_PRICE_FACTOR, 12)
+        return self._reply(key, nth, model, text, finish, usage, headers, "flex" if flex else "default")
 
     def _note_arrival(self, messages: list[dict[str, Any]], now: float) -> str:
         """Count a request for its prompt; returns the prompt's key."""
@@ -216,13 +224,13 @@ class Simulator:
             refusal = unavailable(candidate, retired=candidate in cfg.retired,
                                   exists=not cfg.models or candidate in cfg.models, down=down,
                                   formats=self.config.response_formats(candidate), window=self.config.context_window(candidate),
-                                  messages=messages, body=body)
+                                  messages=messages, body=body, endpoints=candidate not in cfg.no_endpoints)
             if refusal is None:
                 return candidate, None
         return model, refusal
 
     def _reply(self, key: str, nth: int, model: str, text: str, finish: str, usage: dict[str, Any],
-               headers: dict[str, str] | None) -> web.Response:
+               headers: dict[str, str] | None, tier: str = "default") -> web.Response:
         self._succeeded.add(key)
         self.counters.prompt_tokens += usage["prompt_tokens"]
         self.counters.completion_tokens += usage["completion_tokens"]
@@ -243,6 +251,7 @@ class Simulator:
                 "native_finish_reason": finish,
             }],
             "usage": usage,
+            "service_tier": tier,
         }
         cfg = self.config
         odd, _ = pick_fault(cfg.odd_replies, {}, cfg.seed + 2, model, key, nth) if cfg.odd_replies else (None, None)

@@ -36,6 +36,7 @@ class SimConfig:
             Retry-After to x seconds.
         down: model -> seconds, counted from the first request, during which it answers 503 (inf: always).
         retired: models that answer 404 ``model_deprecated``.
+        no_endpoints: models that answer OpenRouter's 404 "No endpoints found for MODEL." (no availability object).
         retry_after_seconds: Retry-After sent with 429 and 503 faults.
         hang_seconds: how long a "hang" or "stall_body" fault holds the connection.
         record_times: keep every request's arrival time per prompt (for retry-timing tests).
@@ -56,6 +57,9 @@ class SimConfig:
         odd_replies: probability per answer of each odd but real-world reply shape (``ODD_REPLIES``):
             content as a list of parts, numbers as strings, content that is not text, integers beyond
             64 bits in a JSON answer, usage of the wrong shape. Drawn per (seed, prompt, nth request).
+        flex_refusals: probability that a request with ``service_tier = "flex"`` is refused for want of
+            capacity (429, not billed; OpenAI's flex_unavailable, or OpenRouter's capacity_exhausted with
+            rate_limit_style "openrouter"). Answered flex requests report ``service_tier: "flex"`` and cost half.
         echo_key: repeat the request's API key in every error message, as some proxies do ("full"),
             or masked as OpenAI does ("masked": sk-abc****wxyz); "" repeats nothing.
         batch_*: the Batch APIs (batch/sim_batch.py), in wall-clock seconds:
@@ -90,6 +94,7 @@ class SimConfig:
     schedule: dict[str, list[str]] = field(default_factory=dict)
     down: dict[str, float] = field(default_factory=dict)
     retired: tuple[str, ...] = ()
+    no_endpoints: tuple[str, ...] = ()
     retry_after_seconds: float = 1.0
     hang_seconds: float = 600.0
     record_times: bool = False
@@ -103,6 +108,7 @@ class SimConfig:
     json_mode_only: tuple[str, ...] = ()
     echo_key: str = ""
     odd_replies: dict[str, float] = field(default_factory=dict)
+    flex_refusals: float = 0.0
     batch_validating_seconds: float = 2.0
     batch_median_seconds: float = 420.0
     batch_spread: float = 1.68
@@ -180,6 +186,7 @@ class SimCounters:
     refusals: list[float] = field(default_factory=list)  # times of limit 429s; only with record_times
     invalid_answers: int = 0  # answers made invalid on purpose (invalid_answers)
     odd_replies: Counter[str] = field(default_factory=Counter)  # odd reply shapes sent (odd_replies)
+    flex_refusals: int = 0  # flex requests refused for want of capacity
     billed_usd: float = 0.0  # what the replies' usage.cost added up to: answers and partly billed failures
 
     def peak(self, budget: str, seconds: float | None = None) -> int:
@@ -199,4 +206,5 @@ class SimCounters:
             "completion_tokens": self.completion_tokens, "peaks": self.peaks,
             "admissions": self.admissions, "refusals": self.refusals, "invalid_answers": self.invalid_answers,
             "odd_replies": dict(self.odd_replies), "billed_usd": self.billed_usd,
+            "flex_refusals": self.flex_refusals,
         }

@@ -98,6 +98,18 @@ def _huge_ints(text: str) -> str:
     return json.dumps(grow(value))
 
 
+def flex_refusal(style: str, retry_after: float) -> web.Response:
+    """No flex capacity now: not billed. OpenAI: 429 code flex_unavailable; OpenRouter: its availability
+    error, capacity_exhausted and retryable (WIRE-BATCH.md C1, C2; open questions 11 and 12)."""
+    if style == "openrouter":
+        return error_response(429, "No flex capacity is available for this model right now", 429,
+                              headers={"Retry-After": f"{retry_after:g}"},
+                              availability={"code": "capacity_exhausted", "retryable": True,
+                                            "retry_after": retry_after})
+    return error_response(429, "Resource Unavailable: flex processing is temporarily unavailable, please retry "
+                          "later or use the default service tier", "flex_unavailable", type="resource_unavailable")
+
+
 def fault_draw(seed: int, key: str, nth: int) -> float:
     """A uniform number in [0, 1) from (seed, prompt, nth request of that prompt)."""
     h = hashlib.blake2b(f"{seed}:{key}:{nth}".encode(), digest_size=8).digest()
@@ -121,8 +133,11 @@ def pick_fault(faults: Mapping[str, float], schedule: Mapping[str, list[str]], s
 
 
 def unavailable(model: str, *, retired: bool, exists: bool, down: bool, formats: tuple[str, ...],
-                window: int, messages: list[dict[str, Any]], body: Mapping[str, Any]) -> web.Response | None:
+                window: int, messages: list[dict[str, Any]], body: Mapping[str, Any],
+                endpoints: bool = True) -> web.Response | None:
     """What a provider answers before the model runs, or None when the model can take the request."""
+    if not endpoints:
+        return error_response(404, f"No endpoints found for {model}.", 404)
     if retired:
         return error_response(404, f"{model} has been retired", 404, availability={
             "code": "model_deprecated", "retryable": False, "requested_models": [model]})

@@ -2,14 +2,16 @@
 
 A provider's "per minute" limit is often enforced over shorter windows too:
 OpenAI's rate-limit guide says 60,000 requests per minute may be enforced as
-1,000 per second, and gateways and proxies do the same. ``LimitGate`` keeps
-one exact sliding window per (budget, length): the configured window
-(``window_seconds``, 60 by default) with the full limit, and each length of
-``limit_windows`` with its pro-rata share (a 1,200 rpm limit over 1 s windows
-is 20 per second). A request is admitted at *arrival*, before any latency, as
-a gateway counts it, and only if every window has room; a request larger
-than a short window's share is admitted when that window is empty (a real
-bucket would take it), but never past the full limit.
+1,000 per second, and gateways and proxies do the same. ``LimitGate`` keeps,
+per budget, one exact sliding window of ``window_seconds`` (60 by default)
+with the full limit, and for each length of ``limit_windows`` its pro-rata
+share (a 1,200 rpm limit over 1 s windows is 20 per second): for requests an
+exact sliding count, for tokens a bucket of that share draining at the
+per-minute rate (a strict short token window would refuse every request
+larger than its share, which the per-minute limit allows and providers only
+refuse when it is larger than the whole limit). A request is admitted at
+*arrival*, before any latency, as a gateway counts it, and only if every
+window has room.
 
 What a refusal says follows ``rate_limit_style``:
 - ``openai``: 429 with ``Rate limit reached ... Limit N, Used U, Requested R.
@@ -84,6 +86,30 @@ class SlidingWindow:
         return max(0.0, self.events[-1][0] + self.length - now) if self.events else 0.0
 
 
+class LeakyBucket:
+    """A short-window token quota as a provider enforces it: the bucket holds up to one window's share and
+    drains at the per-minute rate; a request fits when the bucket has room for it, and one larger than the
+    share fits an empty bucket (else the per-minute limit would admit requests no short window ever could)."""
+
+    __slots__ = ("capacity", "rate", "level", "stamp", "length")
+
+    def __init__(self, capacity: float, rate: float, length: float) -> None:
+        self.capacity = capacity
+        self.rate = rate  # per second
+        self.length = length
+        self.level = 0.0
+        self.stamp = 0.0
+
+    def wait_for(self, now: float, amount: int) -> float:
+        level = max(0.0, self.level - self.rate * (now - self.stamp))
+        room = max(0.0, self.capacity - amount)
+        return 0.0 if level <= room else max(0.001, (level - room) / self.rate)
+
+    def add(self, now: float, amount: int) -> None:
+        self.level = max(0.0, self.level - self.rate * (now - self.stamp)) + amount
+        self.stamp = now
+
+
 @dataclass(slots=True)
 class Refusal:
     """Why a request was refused: which budget, its per-minute limit, and when to retry."""
@@ -103,13 +129,20 @@ class LimitGate:
     limits: dict[str, float]  # budget -> limit per ``main`` seconds
     main: float = 60.0
     extra: tuple[float, ...] = ()  # shorter windows, each enforcing its pro-rata share
-    windows: dict[str, list[SlidingWindow]] = field(default_factory=dict)
+    windows: dict[str, list[SlidingWindow | LeakyBucket]] = field(default_factory=dict)
+    measured: dict[str, list[SlidingWindow]] = field(default_factory=dict)  # peaks per window length
     offered: dict[float, SlidingWindow] = field(default_factory=dict)  # requests received, admitted or not
 
     def __post_init__(self) -> None:
         lengths = (self.main, *(w for w in self.extra if w != self.main))
         for budget, limit in self.limits.items():
-            self.windows[budget] = [SlidingWindow(limit * w / self.main, w) for w in lengths]
+            main: list[SlidingWindow | LeakyBucket] = [SlidingWindow(limit, self.main)]
+            for w in lengths[1:]:  # requests: a count per short window; tokens: a bucket of that window's share
+                share = limit * w / self.main
+                main.append(SlidingWindow(share, w) if budget == "requests" else
+                            LeakyBucket(share, limit / self.main, w))
+            self.windows[budget] = main
+            self.measured[budget] = [SlidingWindow(float("inf"), w) for w in lengths]
         self.offered = {w: SlidingWindow(float("inf"), w) for w in lengths}
 
     @property
@@ -126,6 +159,7 @@ class LimitGate:
         for budget, wins in self.windows.items():
             amount = amounts.get(budget, 0)
             main = wins[0]
+            assert isinstance(main, SlidingWindow)
             if amount > main.limit:
                 return Refusal(budget, main.limit, main.total, amount, 0.0, too_large=True)
             wait = max(w.wait_for(now, amount) for w in wins)
@@ -134,8 +168,11 @@ class LimitGate:
         if worst is not None:
             return worst
         for budget, wins in self.windows.items():
-            for w in wins:
-                w.add(now, amounts.get(budget, 0))
+            window: SlidingWindow | LeakyBucket
+            for window in (*wins, *self.measured[budget]):
+                if isinstance(window, SlidingWindow):
+                    window.expire(now)
+                window.add(now, amounts.get(budget, 0))
         return None
 
     def headers(self, now: float | None = None) -> dict[str, str]:
@@ -144,6 +181,7 @@ class LimitGate:
         h = {}
         for budget, wins in self.windows.items():
             main = wins[0]
+            assert isinstance(main, SlidingWindow)
             main.expire(now)
             h[f"x-ratelimit-limit-{budget}"] = f"{main.limit:g}"
             h[f"x-ratelimit-remaining-{budget}"] = f"{max(0, main.limit - main.total):g}"
@@ -152,7 +190,7 @@ class LimitGate:
 
     def peaks(self) -> dict[str, dict[str, int]]:
         """The most admitted (and, under ``offered``, received) in any window of each length."""
-        out = {budget: {f"{w.length:g}": w.peak for w in wins} for budget, wins in self.windows.items()}
+        out = {budget: {f"{w.length:g}": w.peak for w in wins} for budget, wins in self.measured.items()}
         out["offered"] = {f"{w.length:g}": w.peak for w in self.offered.values()}
         return out
 

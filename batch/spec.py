@@ -50,10 +50,12 @@ class ModelSpec:
     context_window: int | None = None
     price_input_per_million: float | None = None
     price_output_per_million: float | None = None
+    service_tier: str | None = None  # e.g. "flex": half price, may be refused (then the next model answers)
 
     @property
     def label(self) -> str:
-        return f"{self.provider}:{self.model}"
+        tier = f"@{self.service_tier}" if self.service_tier else ""
+        return f"{self.provider}:{self.model}{tier}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,6 +83,8 @@ class RunSpec:
     server_fallback: bool = False  # OpenRouter: also send the chain as "models" for server-side fallback
     length_is_failure: bool = False  # a reply cut at max_tokens falls back to the next model
     give_up_seconds: float = 600.0  # stop the run (exit 3) when no model has answered for this long
+    unreachable_seconds: float = 30.0  # stop (exit 3) when the endpoint never answered and refuses connections
+    max_wait_seconds: float = 60.0  # no single wait (Retry-After, a reset, a probe) is longer
     spill_on_rate_limit: bool = False  # rows move to the next model while the primary is rate limited
     check_models: bool = False  # GET {base_url}/models first: live prices, context windows, missing models
     cache: str = "off"  # "off" | "read-write" | "replay": the response cache (batch/cache.py)

@@ -43,6 +43,7 @@ class Counts:
     cache_hits: int = 0  # rows answered from the response cache (not requests: nothing was sent)
     repairs: int = 0  # requests that asked again after an invalid answer ([output_format])
     invalid_outputs: int = 0  # answers that failed the output_format check
+    flex_refusals: int = 0  # service_tier "flex" requests refused for want of capacity (not billed; fell back)
 
 
 COUNTERS: tuple[str, ...] = tuple(f.name for f in fields(Counts))
@@ -56,10 +57,11 @@ class ModelStats(Counts):
     label: str
     errors: Counter[str] = field(default_factory=Counter)  # by error_type, per failed attempt
     latencies: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes per answered request
+    gone: str | None = None  # the provider said this model does not exist (or was retired): out of the chain
 
     def freeze(self, wall_seconds: float) -> Usage:
         lat = sorted(self.latencies)
-        return Usage(**{k: getattr(self, k) for k in COUNTERS}, errors=dict(self.errors),
+        return Usage(**{k: getattr(self, k) for k in COUNTERS}, errors=dict(self.errors), gone=self.gone,
                      latency_p50_ms=_pct(lat, 50), latency_p95_ms=_pct(lat, 95), latency_p99_ms=_pct(lat, 99),
                      wall_seconds=wall_seconds)
 
@@ -76,6 +78,7 @@ class Usage(Counts):
     """What one model (or a total) did in one run; values add (``sum(usages, Usage())``)."""
 
     errors: dict[str, int] = field(default_factory=dict)
+    gone: str | None = None
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
     latency_p99_ms: float | None = None
@@ -85,7 +88,7 @@ class Usage(Counts):
         errors = Counter(self.errors)
         errors.update(other.errors)
         return Usage(**{k: getattr(self, k) + getattr(other, k) for k in COUNTERS}, errors=dict(errors),
-                     wall_seconds=max(self.wall_seconds, other.wall_seconds))
+                     gone=self.gone or other.gone, wall_seconds=max(self.wall_seconds, other.wall_seconds))
 
     @property
     def requests_per_minute(self) -> float:
@@ -103,6 +106,7 @@ STATS_SCHEMA = pa.schema([
     ("errors", pa.int64()), ("errors_by_type", pa.map_(pa.string(), pa.int64())),
     ("latency_p50_ms", pa.float64()), ("latency_p95_ms", pa.float64()), ("latency_p99_ms", pa.float64()),
     ("wall_seconds", pa.float64()), ("requests_per_minute", pa.float64()), ("tokens_per_minute", pa.float64()),
+    ("gone", pa.string()),  # why the model left the chain (it does not exist or was retired), else null
 ])
 
 
@@ -115,6 +119,7 @@ def stats_rows(run_id: str, per_model: dict[tuple[str, str], Usage]) -> list[dic
             "latency_p50_ms": u.latency_p50_ms, "latency_p95_ms": u.latency_p95_ms,
             "latency_p99_ms": u.latency_p99_ms, "wall_seconds": u.wall_seconds,
             "requests_per_minute": u.requests_per_minute, "tokens_per_minute": u.tokens_per_minute,
+            "gone": u.gone,
         })
     return rows
 
@@ -128,7 +133,9 @@ def append_stats(out_dir: Path, rows: list[dict[str, Any]]) -> None:
             old = pq.read_table(path)
             for name in STATS_SCHEMA.names:  # a column added by a later version: zero for older runs
                 if name not in old.column_names:
-                    old = old.append_column(name, pa.array([0] * old.num_rows, STATS_SCHEMA.field(name).type))
+                    typ = STATS_SCHEMA.field(name).type
+                    fill = pa.nulls(old.num_rows, typ) if pa.types.is_string(typ) else pa.array([0] * old.num_rows, typ)
+                    old = old.append_column(name, fill)
             old = old.select(STATS_SCHEMA.names).cast(STATS_SCHEMA)
             table = pa.concat_tables([old, table])
         except (pa.ArrowException, OSError):

@@ -11,14 +11,15 @@ import aiohttp
 
 from batch.answers import resolve_response_format, response_format
 from batch.breaker import Breaker
-from batch.catalog import SIM_BASE_URL, facts_for, prices_for
+from batch.catalog import FLEX_PRICE_FACTOR, SIM_BASE_URL, facts_for, prices_for
 from batch.errors import ProviderError
 from batch.job import Job, ModelSpec
 from batch.limits import ModelLimiter
 from batch.progress import Progress
 from batch.provider import Endpoint, ModelInfo, fetch_models, make_endpoint
-from batch.router import Target, model_prefix
 from batch.stats import ModelStats
+from batch.steer import Steering
+from batch.target import Target, model_prefix
 
 
 def build_targets(job: Job, sim_url: str | None, body_models: Iterable[str] = ()
@@ -34,18 +35,21 @@ def build_targets(job: Job, sim_url: str | None, body_models: Iterable[str] = ()
             base = sim_url if spec.base_url == SIM_BASE_URL and sim_url else spec.base_url
             endpoints[m.provider] = make_endpoint(spec.name, base, spec.api_key_env, spec.headers,
                                                   require_key=require_key)
-        p_in, p_out = prices_for(m.model, m.price_input_per_million, m.price_output_per_million)
+        p_in, p_out = prices_for(m.model, m.price_input_per_million, m.price_output_per_million, m.service_tier)
         facts = facts_for(m.model)
         rf = _response_format(job, facts.response_formats if facts else None)
+        limiter = ModelLimiter(m.requests_per_minute, m.tokens_per_minute)
         return Target(
             level=level, model=m.model, provider=m.provider,
-            prefix=model_prefix(m.model, server_fallback, rf), server_fallback=tuple(server_fallback),
+            prefix=model_prefix(m.model, server_fallback, rf, m.service_tier), server_fallback=tuple(server_fallback),
             cache_salt=spec.base_url.encode() + b"\0",
-            endpoint=endpoints[m.provider], limiter=ModelLimiter(m.requests_per_minute, m.tokens_per_minute),
+            endpoint=endpoints[m.provider], limiter=limiter,
+            steer=Steering(limiter, m.requests_per_minute, m.tokens_per_minute),
             breaker=Breaker(job.run.breaker_failures, job.run.breaker_cooldown_seconds),
             stats=ModelStats(label=m.label),
             price_in=p_in / 1e6 if p_in is not None else None,
             price_out=p_out / 1e6 if p_out is not None else None,
+            service_tier=m.service_tier,
         )
 
     chain = []
@@ -96,11 +100,12 @@ async def check_models(job: Job, session: aiohttp.ClientSession, targets: list[T
             if listings[t.provider]:
                 progress.message(f"warning: {t.provider} does not list {t.model}; its rows will fall back")
             continue
+        factor = FLEX_PRICE_FACTOR if t.service_tier == "flex" else 1.0  # listings give standard prices
         if spec.price_input_per_million is None and info.price_input is not None:
-            t.price_in = info.price_input
+            t.price_in = info.price_input * factor
         if spec.price_output_per_million is None and info.price_output is not None:
-            t.price_out = info.price_output
+            t.price_out = info.price_output * factor
         if info.supported_parameters is not None and job.output_format is not None:
             # the live list beats the catalog: structured outputs only where the provider says so
             rf = _response_format(job, _formats_from(info.supported_parameters))
-            t.prefix = model_prefix(t.model, t.server_fallback, rf)
+            t.prefix = model_prefix(t.model, t.server_fallback, rf, t.service_tier)

@@ -115,7 +115,7 @@ class TestBatchFileRun:
             r = rows[f"task-{i}"]
             want = ("gpt-4o-mini", 0) if i % 3 == 0 else ("openai/gpt-3.5-turbo", 1 if i % 3 == 1 else 0)
             assert (r["model"], r["fallback_level"]) == want, r
-        assert sim.counters.by_model["old-model"] == 10
+        assert 1 <= sim.counters.by_model["old-model"] <= 10  # out of the chain once it answered 404
 
     def test_check_models_with_a_lines_own_model(self, tmp_path: Path, sim: SimThread) -> None:
         """A model only a Batch line names is checked against the provider's list like the chain's."""

@@ -1,165 +1,259 @@
-"""limits.py: budgets that never exceed a sliding minute, steered by what the provider says."""
+"""limits.py and steer.py: budgets that never exceed their window, steered only by evidence.
+
+The Gate is pure (any clock), so its properties are checked by a small discrete-event
+simulation on a virtual clock: many waiters arriving at random times with random token
+counts, pauses ordered at random moments, replies settling later with what the provider
+counted. The simulation is the only fake; everything else is the real Gate.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.dataset as ds
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from batch.limits import ModelLimiter, SteerableLimiter
+from batch.limits import WINDOW, Gate, ModelLimiter, Pace, Ticket, Waiter
 from batch.sim import SimThread
+from batch.steer import CALM_SECONDS, Steering
 from tests.conftest import run_cli, write_job, write_jsonl
 
 Factory = Callable[..., SimThread]
 
 
-def admissions(per_minute: float, seconds: float, amount: Callable[[int], float] = lambda i: 1.0) -> list[tuple[float, float]]:
-    """Greedy acquisitions on a virtual clock (the loop's time is the only fake), 1 ms steps."""
-    async def go() -> list[tuple[float, float]]:
-        loop = asyncio.get_running_loop()
-        now = [0.0]
-        loop.time = lambda: now[0]  # type: ignore[method-assign]
-        lim = SteerableLimiter(per_minute)
-        got: list[tuple[float, float]] = []
-        while now[0] < seconds:
-            while lim.has_capacity(min(amount(len(got)), lim.max_rate)):
-                a = amount(len(got))
-                await lim.take(a)  # returns at once: the capped part fits, the rest becomes debt
-                got.append((now[0], a))
-            now[0] += 0.001
-        return got
+@dataclass
+class Run:
+    """What the simulated provider saw: admissions with the tokens it counted, in grant order."""
 
-    return asyncio.run(go())
+    admitted: list[tuple[float, float, float]] = field(default_factory=list)  # (time, request=1, tokens)
+    order: list[int] = field(default_factory=list)  # arrival number of each granted waiter
+    pauses: list[tuple[float, float]] = field(default_factory=list)
 
 
-def peak_window(events: list[tuple[float, float]], window: float = 60.0) -> float:
-    peak = total = 0.0
+def simulate(rpm: float | None, tpm: float | None, arrivals: list[tuple[float, float, float]],
+             pauses: list[tuple[float, float]], latency: float = 0.2) -> Run:
+    """Drive a Gate: ``arrivals`` are (time, reserved tokens, counted/reserved); ``pauses`` (time, seconds).
+    A granted request's tokens are settled ``latency`` later with what the provider counted."""
+    gate = Gate(Pace(rpm) if rpm else None, Pace(tpm) if tpm else None)
+    run = Run()
+    events: list[tuple[float, int, str, object]] = []
+    for i, (t, tokens, ratio) in enumerate(arrivals):
+        heapq.heappush(events, (t, i, "arrive", (i, tokens, ratio)))
+    for j, (t, seconds) in enumerate(pauses):
+        heapq.heappush(events, (t, 10**6 + j, "pause", seconds))
+    waiters: dict[int, tuple[int, float]] = {}
+    seq = 2 * 10**6
+    timer = -1  # like the real limiter: one timer at a time; a wake for an older timer is stale
+    while events:
+        now, _, kind, data = heapq.heappop(events)
+        if kind == "wake" and data != timer:
+            continue
+        if kind == "arrive":
+            i, tokens, ratio = data  # type: ignore[misc]
+            w = Waiter(tokens)
+            waiters[id(w)] = (i, ratio)
+            gate.queue.append(w)
+        elif kind == "pause":
+            gate.paused_until = max(gate.paused_until, now + data)  # type: ignore[operator]
+            run.pauses.append((now, now + data))  # type: ignore[operator]
+        elif kind == "settle":
+            ticket, counted = data  # type: ignore[misc]
+            gate.settle(now, ticket, counted)
+        granted, wait = gate.grant(now)
+        for w in granted:
+            i, ratio = waiters.pop(id(w))
+            assert w.granted is not None
+            counted = w.tokens * ratio
+            run.admitted.append((now, 1.0, counted))
+            run.order.append(i)
+            seq += 1
+            heapq.heappush(events, (now + latency, seq, "settle", (w.granted, counted)))
+        if wait is not None:
+            seq += 1
+            timer = seq
+            heapq.heappush(events, (now + wait, seq, "wake", timer))
+    return run
+
+
+def peak(events: list[tuple[float, float]], window: float) -> float:
+    """The largest total of any half-open window (t - window, t]."""
+    best = total = 0.0
     j = 0
     for t, a in events:
         total += a
         while events[j][0] <= t - window:
             total -= events[j][1]
             j += 1
-        peak = max(peak, total)
-    return peak
+        best = max(best, total)
+    return best
 
 
-class TestBucketSizing:
+arrival_lists = st.lists(st.tuples(st.floats(0, 200), st.floats(1, 3000), st.floats(0.2, 1.0)),
+                         min_size=1, max_size=250).map(lambda xs: sorted(xs))
+pause_lists = st.lists(st.tuples(st.floats(0, 200), st.floats(0.01, 20)), max_size=5)
+
+
+class TestGateProperties:
+    @settings(max_examples=150, deadline=None)
+    @given(rpm=st.sampled_from([6, 60, 600, 6000]), tpm=st.sampled_from([None, 3000, 20_000, 100_000]),
+           arrivals=arrival_lists, pauses=pause_lists)
+    def test_no_window_of_the_limit_ever_over_it(self, rpm: int, tpm: int | None,
+                                                  arrivals: list[tuple[float, float, float]],
+                                                  pauses: list[tuple[float, float]]) -> None:
+        """Random arrivals, sizes (some larger than a second's worth of tokens) and pauses: no 60 s window
+        holds more requests or tokens than the limit, nothing is granted during a pause, and requests are
+        granted in the order they arrived (both budgets taken in one step)."""
+        if tpm is not None:
+            arrivals = [(t, min(tokens, tpm * 0.9), r) for t, tokens, r in arrivals]
+        run = simulate(rpm, tpm, arrivals, pauses)
+        assert len(run.admitted) == len(arrivals)  # everyone got through in the end
+        assert peak([(t, r) for t, r, _ in run.admitted], WINDOW) <= rpm
+        if tpm is not None:
+            assert peak([(t, k) for t, _, k in run.admitted], WINDOW) <= tpm + 1e-6
+        assert run.order == sorted(run.order)
+        for t, _, _ in run.admitted:
+            assert not any(start < t < end - 1e-9 for start, end in run.pauses), "granted during a pause"
+
+    @settings(max_examples=40, deadline=None)
+    @given(rpm=st.sampled_from([60, 1200, 60_000]), window=st.sampled_from([1.0, 0.1]))
+    def test_no_burst_under_sub_minute_enforcement(self, rpm: int, window: float) -> None:
+        """Continuous demand, unit requests: every window of 1 s (or 100 ms) holds at most its share of the
+        per-minute limit plus one request, so a provider enforcing it per second sees the rate, not spikes."""
+        demand = [(i * 0.001, 1.0, 1.0) for i in range(int(rpm / 60 * 30))]  # 30 s of demand up front
+        run = simulate(rpm, None, demand, [(5.0, 2.0)])
+        assert peak([(t, 1.0) for t, _, _ in run.admitted], window) <= rpm / 60 * window + 1
+
     @pytest.mark.parametrize("rpm", [60, 1200, 10_000])
-    def test_no_sliding_minute_exceeds_the_limit(self, rpm: int) -> None:
-        """Over three virtual minutes no 60 s window admits more than the limit, yet >= 97% of it flows."""
-        events = admissions(rpm, 180)
-        assert peak_window(events) <= rpm
-        assert len(events) >= 0.97 * rpm * 3
+    def test_continuous_demand_runs_at_the_limit(self, rpm: int) -> None:
+        """With requests always waiting, at least 99% of the limit flows over three minutes."""
+        demand = [(0.0, 1.0, 1.0)] * int(rpm * 3.2)
+        run = simulate(rpm, None, demand, [])
+        within = sum(1 for t, _, _ in run.admitted if t < 180)
+        assert within >= 0.99 * rpm * 3
 
-    def test_whole_minute_bucket_would_double_the_limit(self) -> None:
-        """The classic mistake, shown: capacity = a minute's budget admits ~2x in one window."""
-        from aiolimiter import AsyncLimiter
+    def test_varied_prompts_use_the_token_limit(self) -> None:
+        """Token budget, prompts from 20 to 1,500 tokens counted at 60% of what was reserved: at least 95%
+        of the limit flows, and no 60 s window is over it."""
+        sizes = [20, 1500, 300, 800, 60, 1200, 450]
+        demand = [(0.0, float(sizes[i % len(sizes)]), 0.6) for i in range(6000)]
+        run = simulate(None, 60_000, demand, [])
+        counted = sum(k for t, _, k in run.admitted if t < 180)
+        assert counted >= 0.95 * 60_000 * 3
+        assert peak([(t, k) for t, _, k in run.admitted], WINDOW) <= 60_000
 
-        async def go() -> int:
-            loop = asyncio.get_running_loop()
-            now = [0.0]
-            loop.time = lambda: now[0]  # type: ignore[method-assign]
-            naive = AsyncLimiter(600, 60)
-            n = 0
-            while now[0] < 60:
-                while naive.has_capacity():
-                    await naive.acquire()
-                    n += 1
-                now[0] += 0.001
-            return n
+    def test_a_large_prompt_holds_the_smaller_ones_behind_it(self) -> None:
+        """A prompt owing tokens does not let later, smaller requests pass the request budget and queue up
+        to go out in a burst (once: 87 requests in a 60 s window at 60 rpm)."""
+        arrivals = [(0.0, 5000.0, 1.0)] + [(0.01 * i, 10.0, 1.0) for i in range(1, 300)]
+        run = simulate(60, 6000, arrivals, [])
+        assert peak([(t, 1.0) for t, _, _ in run.admitted], WINDOW) <= 60
+        assert run.order == sorted(run.order)
 
-        assert asyncio.run(go()) > 1150
 
-    def test_tokens_of_varied_size_stay_under_the_limit(self) -> None:
-        """Token amounts, some larger than the bucket (their excess is owed), keep every window
-        under the limit plus one request's excess, at >= 95% use."""
-        sizes = [50, 3000, 400, 120, 900]
-        events = admissions(60_000, 180, lambda i: sizes[i % len(sizes)])
-        assert peak_window(events) <= 60_000 + max(sizes)
-        assert sum(a for _, a in events) >= 0.95 * 60_000 * 3
+class TestModelLimiter:
+    def test_many_concurrent_waiters_are_paced_and_a_pause_holds_them(self) -> None:
+        """200 tasks acquire at once at 1,200 rpm: they go one per 50 ms; a pause holds those already
+        waiting; a cancelled waiter does not block the ones behind it."""
+        async def go() -> list[float]:
+            lim = ModelLimiter(1200, None)
+            times: list[float] = []
 
-    def test_lowering_the_rate_never_strands_a_waiter(self) -> None:
-        """A waiter for a large amount still gets through after the rate is cut (once a deadlock)."""
-        async def go() -> None:
-            lim = SteerableLimiter(120_000)
-            await lim.take(lim.max_rate)  # bucket full
-            waiter = asyncio.create_task(lim.take(900))
-            await asyncio.sleep(0.01)
-            lim.set_rate(30_000)
-            await asyncio.wait_for(waiter, timeout=5)
+            async def one() -> None:
+                await lim.acquire(10)
+                times.append(time.monotonic())
 
-        asyncio.run(go())
+            tasks = [asyncio.create_task(one()) for _ in range(40)]
+            await asyncio.sleep(0.3)
+            tasks[-1].cancel()
+            lim.pause(0.5)
+            paused_at = time.monotonic()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            assert not [t for t in times if paused_at + 0.01 < t < paused_at + 0.49]
+            return times
+
+        times = asyncio.run(asyncio.wait_for(go(), 10))
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert len(times) == 39 and min(gaps) >= 0.045
 
 
 class TestSteering:
+    def steer(self, rpm: float | None = None, tpm: float | None = None) -> tuple[Steering, list[float]]:
+        now = [1000.0]
+        lim = ModelLimiter(rpm, tpm, clock=lambda: now[0])
+        return Steering(lim, rpm, tpm, clock=lambda: now[0]), now
+
     def test_a_stated_limit_below_ours_is_adopted(self) -> None:
         """x-ratelimit-limit-requests lower than the job's becomes the rate; higher is ignored."""
-        asyncio.run(self._adopted())
+        s, _ = self.steer(2400)
+        s.observe(1200, None, 500, None, 1.0, None)
+        assert s.limiter.gate.limit("requests") == 1200
+        s.observe(5000, None, 500, None, 1.0, None)
+        assert s.limiter.gate.limit("requests") == 1200
 
-    async def _adopted(self) -> None:
-        lim = ModelLimiter(2400, None)
-        lim.observe(1200, None, 500, None, 1.0, None)
-        assert lim.requests is not None and lim.requests.per_minute == 1200
-        lim.observe(5000, None, 500, None, 1.0, None)
-        assert lim.requests.per_minute == 1200
+    def test_nothing_remaining_holds_about_one_unit_not_a_full_reset(self) -> None:
+        """remaining 0 with a reset of 6m0s (the time to a *full* reset) holds the model ~one request's time."""
+        s, now = self.steer(600)
+        s.observe(600, None, 0, None, 360.0, None)
+        assert s.limiter.gate.paused_until == pytest.approx(now[0] + 0.1)
 
-    def test_nothing_remaining_pauses_until_reset(self) -> None:
-        """remaining 0 with reset 2 s pauses the model for 2 s."""
-        now = [100.0]
-        lim = ModelLimiter(None, 1000, clock=lambda: now[0])
-        lim.observe(None, None, None, 0, None, 2.0)
-        assert lim.paused_until == pytest.approx(102.0)
+    def test_a_scattered_429_without_evidence_changes_nothing(self) -> None:
+        """An upstream's 429 (Retry-After only, no headers) neither pauses nor slows the model."""
+        s, now = self.steer(1000)
+        for i in range(50):
+            now[0] += 0.02
+            s.answered(100)
+        assert not s.rate_limited(1.0, evidence=False, scope=None, limit_requests=None, limit_tokens=None)
+        assert s.limiter.gate.paused_until == 0 and s.limiter.gate.limit("requests") == 1000
 
-    def test_429_drops_to_what_was_admitted_once_per_episode(self) -> None:
-        """Without a stated limit, a burst of 429s lowers the rate once, to what the provider admitted
-        in the last minute; after a calm spell it only probes slowly beyond that limit."""
-        asyncio.run(self._aimd())
-
-    async def _aimd(self) -> None:
-        now = [1000.0]
-        lim = ModelLimiter(1000, 90_000, clock=lambda: now[0])
-        for i in range(600):  # the provider answered 600 requests of 100 tokens in the last 60 s
+    def test_clustered_429s_are_evidence_and_cut_to_what_was_admitted(self) -> None:
+        """Many 429s within seconds, a good share of the answers: the model pauses and its rate drops to
+        what the provider admitted, once per episode, never below it."""
+        s, now = self.steer(3000)
+        for i in range(100):  # 10 s at 600 rpm
             now[0] = 1000.0 + i * 0.1
-            lim.sent()
-            lim.admitted(100)
-        for _ in range(20):
-            lim.on_rate_limited(0.5, None, None, None)
-        assert lim.requests is not None and lim.tokens is not None
-        assert lim.requests.per_minute == pytest.approx(0.97 * 600)
-        assert lim.tokens.per_minute == pytest.approx(0.97 * 60_000)
-        found = lim.requests.per_minute
-        for _ in range(200):
-            now[0] += 1.0
-            lim.settle(0, 0)
-        assert found < lim.requests.per_minute <= found * (1 + 0.005 * 11) <= 1000
+            s.answered(100)
+        for _ in range(30):
+            now[0] += 0.01
+            s.rate_limited(0.5, evidence=False, scope=None, limit_requests=None, limit_tokens=None)
+        assert s.limiter.gate.limit("requests") == pytest.approx(600 * 0.97, rel=0.15)
+        assert s.limiter.gate.paused_until > now[0]
 
-    def test_an_early_429_halves_then_recovers_fast(self) -> None:
-        """A 429 before much was answered halves the rate (no limit was measured) and the rate
-        climbs back to the job's ceiling within a minute or so."""
-        asyncio.run(self._early())
-
-    async def _early(self) -> None:
-        now = [50.0]
-        lim = ModelLimiter(1000, None, clock=lambda: now[0])
-        lim.on_rate_limited(0.5, None, None, None)
-        assert lim.requests is not None and lim.requests.per_minute == 500
-        for _ in range(90):
+    def test_recovery_after_429s_stop_takes_seconds(self) -> None:
+        """After a cut to half without a measurement, the rate is back at the job's within ~15 s of calm."""
+        s, now = self.steer(1000)
+        s.rate_limited(0.5, evidence=True, scope="requests", limit_requests=None, limit_tokens=None)
+        assert s.limiter.gate.limit("requests") == 500
+        now[0] += CALM_SECONDS
+        for _ in range(15):
             now[0] += 1.0
-            lim.settle(0, 0)
-        assert lim.requests.per_minute == 1000
+            s.answered(10)
+        assert s.limiter.gate.limit("requests") == 1000
 
     def test_discovers_a_limit_it_was_never_told(self) -> None:
-        """A model with no configured limit gets one from its first 429."""
-        lim = ModelLimiter(None, None)
-        assert not lim.limited
-        lim.sent()
-        lim.on_rate_limited(0.1, None, None, None)
-        assert lim.limited and lim.requests is not None
+        """A model with no configured limit gets one from a cluster of 429s."""
+        s, now = self.steer()
+        assert not s.limiter.limited
+        for _ in range(10):
+            now[0] += 0.05
+            s.rate_limited(0.1, evidence=False, scope=None, limit_requests=None, limit_tokens=None)
+        assert s.limiter.limited and s.limiter.gate.requests is not None
+
+
+def test_a_refund_gives_back_the_request_and_its_tokens() -> None:
+    """A 429 was not counted by the provider: its request and tokens return to the budgets."""
+    gate = Gate(Pace(60), Pace(6000))
+    ticket: Ticket = gate.take(0.0, 500)
+    assert gate.wait(0.0, 500) > 0
+    gate.refund(0.0, ticket)
+    assert gate.wait(0.0, 500) == 0
 
 
 def results(tmp: Path) -> pd.DataFrame:

@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 from batch.errors import FallbackError, FatalError, RateLimited, RejectedError, TransientError
-from batch.provider import classify, make_endpoint, open_session, parse_duration, retry_after, send
+from batch.failures import classify, parse_duration, retry_after
+from batch.provider import make_endpoint, open_session, send
 from batch.sim import SimThread
 from batch.errors import JobError
 
@@ -67,8 +68,14 @@ def test_retry_after_prefers_the_most_precise_header() -> None:
     """retry-after-ms beats retry-after, which beats the reset headers and the message."""
     assert retry_after({"retry-after-ms": "250", "retry-after": "3"}, {}, "") == 0.25
     assert retry_after({"retry-after": "3"}, {}, "") == 3.0
-    assert retry_after({"x-ratelimit-reset-requests": "2s", "x-ratelimit-reset-tokens": "6m0s"}, {}, "") == 360.0
-    assert retry_after({}, {}, "Please try again in 1.574s.") == pytest.approx(1.574)
+    # reset is the time to a *full* reset: only the exhausted budget's counts, and only for a 429
+    resets = {"x-ratelimit-reset-requests": "2s", "x-ratelimit-reset-tokens": "6m0s",
+              "x-ratelimit-remaining-requests": "0", "x-ratelimit-remaining-tokens": "5000"}
+    assert retry_after(resets, {}, "", limited=True) == 2.0
+    assert retry_after({**resets, "x-ratelimit-remaining-requests": "3"}, {}, "", limited=True) is None
+    assert retry_after(resets, {}, "") is None  # a 5xx takes no wait from rate-limit headers
+    assert retry_after(resets, {}, "Please try again in 1.574s.", limited=True) == pytest.approx(1.574)
+    assert retry_after({}, {}, "Please try again in 20ms.", limited=True) == pytest.approx(0.02)
     assert retry_after({}, {"availability": {"retry_after": 7}}, "") == 7.0
 
 

@@ -9,8 +9,10 @@ from typing import Any
 import pandas as pd
 import pyarrow.dataset as ds
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from batch.breaker import Breaker
+from batch.breaker import GO, NO, PROBE, Breaker
 from batch.sim import SimThread
 from batch.sim_answers import prompt_key
 from tests.conftest import TEST_KEY, run_cli, write_job, write_jsonl
@@ -98,14 +100,25 @@ class TestFallback:
         assert df.loc["long", "status"] == "error" and df.loc["long", "error_type"] == "context_length"
         assert (df.drop(index="long")["status"] == "ok").all()
 
-    def test_retired_model_falls_back(self, tmp_path: Path, sim_factory: Factory) -> None:
-        """A retired primary (404 model_deprecated) sends rows to the next model without retries."""
-        sim = sim_factory(retired=("primary",))
-        data = write_jsonl(tmp_path / "in.jsonl", rows(30))
-        job = write_job(tmp_path, input_path=data, base_url=sim.base_url, models=[PRIMARY, BACKUP])
-        assert run_cli("run", str(job), "--quiet").returncode == 0
+    @pytest.mark.parametrize("how", ["retired", "missing", "no_endpoints"])
+    def test_a_retired_model_leaves_the_chain_after_at_most_concurrency_requests(
+            self, tmp_path: Path, sim_factory: Factory, how: str) -> None:
+        """A primary that does not exist (404 model_deprecated, model_not_found, or OpenRouter's "No endpoints
+        found") is out of the chain after its first answer: 2,000 rows cost it at most `concurrency` requests,
+        every row is answered by the next model, and the run says so."""
+        sim = sim_factory(retired=("primary",) if how == "retired" else (),
+                          models=("backup",) if how == "missing" else (),
+                          no_endpoints=("primary",) if how == "no_endpoints" else (), latency_ms=2)
+        data = write_jsonl(tmp_path / "in.jsonl", rows(2000))
+        job = write_job(tmp_path, input_path=data, base_url=sim.base_url, models=[PRIMARY, BACKUP],
+                        run={"concurrency": 16})
+        proc = run_cli("run", str(job), "--quiet")
+        assert proc.returncode == 0, proc.stderr
         df = results(tmp_path)
-        assert (df["model"] == "backup").all() and (df["attempts"] == 2).all()
+        assert (df["model"] == "backup").all() and len(df) == 2000
+        assert sim.counters.by_model["primary"] <= 16
+        assert (df["attempts"] == 1).sum() >= 2000 - 16
+        assert "out of the chain for the rest of this run" in proc.stderr
 
     def test_fallback_off_keeps_every_answer_on_one_model(self, tmp_path: Path, sim_factory: Factory) -> None:
         """run.fallback = false: a failing row is an error, never answered by another model."""
@@ -213,17 +226,37 @@ class TestBreaker:
         now = [0.0]
         b = Breaker(threshold=3, cooldown=10, clock=lambda: now[0])
         for _ in range(3):
-            assert b.allow()
+            assert b.allow() == GO
             b.failure()
-        assert not b.allow()
+        assert b.allow() == NO
         now[0] = 10.0
-        assert b.allow() and not b.allow()  # one probe only
-        b.failure()
-        assert not b.allow()
+        assert b.allow() == PROBE and b.allow() == NO  # one probe only
+        b.failure(probe=True)
+        assert b.allow() == NO
         now[0] = 20.0
-        assert b.allow()
-        b.success()
-        assert b.allow() and b.allow()
+        assert b.allow() == PROBE
+        b.success(probe=True)
+        assert b.allow() == GO and b.allow() == GO
+
+    @given(st.lists(st.tuples(st.sampled_from(["allow", "fail", "ok", "release", "tick"]), st.integers(0, 30)),
+                    max_size=200))
+    def test_one_probe_means_one(self, events: list[tuple[str, int]]) -> None:
+        """Whatever the interleaving of attempts that were in flight when the breaker opened, at most one
+        probe is ever out: only the probe's own outcome lets another go."""
+        now = [0.0]
+        b = Breaker(threshold=3, cooldown=5, clock=lambda: now[0])
+        out: list[bool] = []  # attempts in flight: True for the probe
+        for event, pick in events:
+            if event == "tick":
+                now[0] += 1.0
+            elif event == "allow":
+                verdict = b.allow()
+                if verdict != NO:
+                    out.append(verdict == PROBE)
+            elif out:
+                probe = out.pop(pick % len(out))
+                {"fail": b.failure, "ok": b.success, "release": b.release}[event](probe=probe)  # type: ignore[operator]
+            assert sum(out) <= 1
 
 
 def test_prompt_key_is_stable() -> None:
