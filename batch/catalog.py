@@ -26,16 +26,27 @@ class ModelFacts:
     price_input_per_million: float
     price_output_per_million: float
     response_formats: tuple[str, ...] = ("json_schema", "json_object")  # what response_format accepts
+    retired_on: str | None = None  # the provider shut the model down that day: it answers 404 since
+    successor: str | None = None  # what the provider named in its place
 
 
-# gpt-3.5-turbo has JSON mode but not structured outputs (json_schema is a 400 there)
+# gpt-3.5-turbo has JSON mode but not structured outputs (json_schema is a 400 there). OpenAI shut it down
+# on 2026-10-23, naming gpt-4.1-mini as the substitute (WIRE.md 0.1); its facts stay for old outputs and
+# for the simulator, where it is the canonical retired model.
 _GPT35 = ModelFacts(context_window=16_385, price_input_per_million=0.50, price_output_per_million=1.50,
-                    response_formats=("json_object",))
+                    response_formats=("json_object",), retired_on="2026-10-23", successor="openai/gpt-4.1-mini")
+# Context windows and prices from OpenAI's model pages (as mirrored by gateways, read 2026-12).
+_GPT41_MINI = ModelFacts(context_window=1_047_576, price_input_per_million=0.40, price_output_per_million=1.60)
+_GPT4O_MINI = ModelFacts(context_window=128_000, price_input_per_million=0.15, price_output_per_million=0.60)
 
 KNOWN_MODELS: dict[str, ModelFacts] = {
     "openai/gpt-3.5-turbo": _GPT35,
     "gpt-3.5-turbo": _GPT35,
     "gpt-3.5-turbo-0125": _GPT35,
+    "openai/gpt-4.1-mini": _GPT41_MINI,
+    "gpt-4.1-mini": _GPT41_MINI,
+    "openai/gpt-4o-mini": _GPT4O_MINI,
+    "gpt-4o-mini": _GPT4O_MINI,
 }
 
 

@@ -221,7 +221,7 @@ class Simulator:
         for candidate in [model, *[m for m in body.get("models") or () if m != model]]:
             self.counters.by_model[candidate] += 1
             down = time.monotonic() - (self._first_request or 0.0) < cfg.down.get(candidate, 0.0)
-            refusal = unavailable(candidate, retired=candidate in cfg.retired,
+            refusal = unavailable(candidate, retired=cfg.is_retired(candidate),
                                   exists=not cfg.models or candidate in cfg.models, down=down,
                                   formats=self.config.response_formats(candidate), window=self.config.context_window(candidate),
                                   messages=messages, body=body, endpoints=candidate not in cfg.no_endpoints)

@@ -72,7 +72,7 @@ def messages_of(line: Line) -> list[dict[str, Any]]:
 def model_problem(cfg: SimConfig, model: str) -> str | None:
     """Why a batch for ``model`` fails validation (the chat endpoint's retired/models knobs), or None."""
     base = base_model(model)
-    if base in cfg.retired:
+    if cfg.is_retired(base):
         return f"Model {model} has been retired and has no batch endpoint."
     if cfg.models and base not in cfg.models:
         return f"Model {model} does not exist or has no batch endpoint."

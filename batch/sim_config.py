@@ -35,7 +35,10 @@ class SimConfig:
             prompt, e.g. {"*": ["429:0.3", "ok"]}; "kind:x" sets that fault's
             Retry-After to x seconds.
         down: model -> seconds, counted from the first request, during which it answers 503 (inf: always).
-        retired: models that answer 404 ``model_deprecated``.
+        retired: models that answer 404 ``model_deprecated``, besides those the catalog knows were retired
+            (openai/gpt-3.5-turbo, shut down by OpenAI on 2026-10-23).
+        catalog_retired: also retire the models the catalog knows their provider shut down (false: a provider
+            still serving them, as some Azure deployments serve gpt-3.5-turbo).
         no_endpoints: models that answer OpenRouter's 404 "No endpoints found for MODEL." (no availability object).
         retry_after_seconds: Retry-After sent with 429 and 503 faults.
         hang_seconds: how long a "hang" or "stall_body" fault holds the connection.
@@ -94,6 +97,7 @@ class SimConfig:
     schedule: dict[str, list[str]] = field(default_factory=dict)
     down: dict[str, float] = field(default_factory=dict)
     retired: tuple[str, ...] = ()
+    catalog_retired: bool = True
     no_endpoints: tuple[str, ...] = ()
     retry_after_seconds: float = 1.0
     hang_seconds: float = 600.0
@@ -140,6 +144,11 @@ class SimConfig:
         if self.batch_inline_results not in ("terminal", "completed"):
             raise ValueError(f"batch_inline_results must be terminal or completed, not {self.batch_inline_results!r}")
 
+    def is_retired(self, model: str) -> bool:
+        """Listed in ``retired``, or retired by its provider (the catalog: openai/gpt-3.5-turbo)."""
+        facts = facts_for(model)
+        return model in self.retired or (self.catalog_retired and facts is not None and facts.retired_on is not None)
+
     def response_formats(self, model: str) -> tuple[str, ...]:
         """What response_format types a model accepts: json_mode_only, else the catalog, else both."""
         if model in self.json_mode_only:
@@ -149,7 +158,7 @@ class SimConfig:
 
     def listed_models(self) -> tuple[str, ...]:
         """What ``GET /models`` lists: ``models`` when set, else the canonical model alone."""
-        return self.models or ("openai/gpt-3.5-turbo",)
+        return self.models or ("openai/gpt-4.1-mini", "openai/gpt-4o-mini")
 
     def context_window(self, model: str) -> int:
         if model in self.context_windows:

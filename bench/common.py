@@ -69,7 +69,7 @@ temperature = 0
 max_tokens = 5
 [[models]]
 provider = "local"
-model = "openai/gpt-3.5-turbo"
+model = "openai/gpt-4.1-mini"
 [providers.local]
 base_url = "{url}"
 [run]

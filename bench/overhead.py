@@ -36,7 +36,7 @@ url, n, concurrency = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 texts = [f"Label the sentiment of review {i} (positive/negative/neutral): it was fine" for i in range(n)]
 
 async def main():
-    bodies = (orjson.dumps({"model": "openai/gpt-3.5-turbo", "messages": [{"role": "user", "content": t}],
+    bodies = (orjson.dumps({"model": "openai/gpt-4.1-mini", "messages": [{"role": "user", "content": t}],
                             "temperature": 0, "max_tokens": 5}) for t in texts)
     headers = {"Content-Type": "application/json"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:

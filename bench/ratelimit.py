@@ -82,7 +82,7 @@ path = "out"
 max_tokens = 50
 [[models]]
 provider = "local"
-model = "openai/gpt-3.5-turbo"
+model = "openai/gpt-4.1-mini"
 {limits}
 [providers.local]
 base_url = "URL"

@@ -93,7 +93,7 @@ def write_job(
     table("input", {k: v for k, v in inp.items() if v is not None})  # None drops a default key
     table("output", {"path": str(tmp / "out"), **(output or {})})
     table("request", request if request is not None else {"temperature": 0, "max_tokens": 8})
-    for m in models or [{"provider": "local", "model": "openai/gpt-3.5-turbo"}]:
+    for m in models or [{"provider": "local", "model": "openai/gpt-4.1-mini"}]:
         sections.append("[[models]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in m.items()))
     if base_url is not None:
         prov = {"base_url": base_url}

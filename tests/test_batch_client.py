@@ -30,7 +30,7 @@ from tests.conftest import TEST_KEY
 
 FAST: dict[str, Any] = dict(batch_validating_seconds=0.25, batch_median_seconds=0.25, batch_spread=0.0,
                             batch_finalizing_seconds=0.25, api_key=TEST_KEY)
-MODEL = "openai/gpt-3.5-turbo"
+MODEL = "openai/gpt-4.1-mini"
 DEADLINE = 20.0  # seconds any one wait for a batch may take
 
 

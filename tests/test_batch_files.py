@@ -50,7 +50,7 @@ class TestBatchFileRun:
         proc = run_cli("run", str(job), "--quiet")
         assert proc.returncode == 0, proc.stderr
         assert sim.counters.requests == LINES
-        assert sim.counters.by_model == {"openai/gpt-3.5-turbo": LINES}  # the job's chain replaced body.model
+        assert sim.counters.by_model == {"openai/gpt-4.1-mini": LINES}  # the job's chain replaced body.model
 
         export = tmp_path / "batch-output.jsonl"
         proc = run_cli("export", str(tmp_path / "out"), "--format", "openai-batch", str(export))
@@ -74,7 +74,7 @@ class TestBatchFileRun:
 
     def test_raw_bodies_are_exported_as_received_and_errors_go_to_their_own_file(
             self, tmp_path: Path, sim_factory: Any) -> None:
-        sim = sim_factory(context_windows={"openai/gpt-3.5-turbo": 60})
+        sim = sim_factory(context_windows={"openai/gpt-4.1-mini": 60})
         lines = [batch_line(i) for i in range(50)]
         lines[7]["body"]["messages"][0]["content"] = "word " * 200  # over the 60-token window: an error row
         data = write_jsonl(tmp_path / "in.jsonl", lines)
@@ -113,7 +113,7 @@ class TestBatchFileRun:
         rows = {r["id"]: r for r in ds.dataset(tmp_path / "out" / "results").to_table().to_pylist()}
         for i in range(30):
             r = rows[f"task-{i}"]
-            want = ("gpt-4o-mini", 0) if i % 3 == 0 else ("openai/gpt-3.5-turbo", 1 if i % 3 == 1 else 0)
+            want = ("gpt-4o-mini", 0) if i % 3 == 0 else ("openai/gpt-4.1-mini", 1 if i % 3 == 1 else 0)
             assert (r["model"], r["fallback_level"]) == want, r
         assert 1 <= sim.counters.by_model["old-model"] <= 10  # out of the chain once it answered 404
 

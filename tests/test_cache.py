@@ -141,7 +141,7 @@ def test_cache_info_and_prune(tmp_path: Path, sim: SimThread) -> None:
     where = ["--cache-path", str(tmp_path / "cache.sqlite3")]
     info = run_cli("cache", "info", *where, "--json")
     assert info.returncode == 0, info.stderr
-    assert '"entries": 30' in info.stdout and '"openai/gpt-3.5-turbo": 30' in info.stdout
+    assert '"entries": 30' in info.stdout and '"openai/gpt-4.1-mini": 30' in info.stdout
     kept = run_cli("cache", "prune", "--older-than-days", "1", *where)
     assert "deleted 0 answers" in kept.stdout
     gone = run_cli("cache", "prune", "--older-than-days", "0", *where)

@@ -14,7 +14,7 @@ from batch.sim import SimThread
 from tests.conftest import run_cli, write_job, write_jsonl
 
 Factory = Callable[..., SimThread]
-GPT = {"provider": "local", "model": "openai/gpt-3.5-turbo"}
+GPT = {"provider": "local", "model": "openai/gpt-4.1-mini"}
 
 
 def rows(n: int) -> list[dict[str, object]]:
@@ -40,7 +40,7 @@ class TestAddingUp:
         assert round(row_cost, 2) == round(stats["cost_usd"].sum(), 2) == round(report["total"]["cost_usd"], 2)
         assert row_cost == pytest.approx(stats["cost_usd"].sum(), abs=1e-12)
         assert row_cost == pytest.approx(report["results"]["cost_usd"], abs=1e-12)
-        priced = (df["prompt_tokens"].sum() * 0.50 + df["completion_tokens"].sum() * 1.50) / 1e6
+        priced = (df["prompt_tokens"].sum() * 0.40 + df["completion_tokens"].sum() * 1.60) / 1e6
         assert row_cost == pytest.approx(priced, rel=1e-9)
         assert (df["cost_source"] == "provider").all()
 
@@ -76,7 +76,7 @@ class TestAddingUp:
         stats = pd.read_parquet(tmp_path / "out" / "stats.parquet")
         assert stats["charged_failures"].sum() == 30
         assert df["cost_usd"].sum() == pytest.approx(stats["cost_usd"].sum(), abs=1e-12)
-        answer_only = (df["prompt_tokens"] * 0.5 + df["completion_tokens"] * 1.5) / 1e6
+        answer_only = (df["prompt_tokens"] * 0.4 + df["completion_tokens"] * 1.6) / 1e6
         assert (df["cost_usd"] > answer_only).all()
 
 

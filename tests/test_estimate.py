@@ -57,7 +57,7 @@ class TestBracket:
         no-repair figure and still within the range."""
         data = write_jsonl(tmp_path / "in.jsonl", reviews(40))
         job = write_job(tmp_path, input_path=data, input={"template": "Label it (positive/negative): {text}"},
-                        models=[{"provider": "sim", "model": "openai/gpt-3.5-turbo"},
+                        models=[{"provider": "sim", "model": "openai/gpt-4.1-mini"},
                                 {"provider": "sim", "model": "vendor/other"}],
                         sim={"invalid_answers": 1.0}, request={"temperature": 0, "max_tokens": 5},
                         extra={"output_format": {"labels": ["positive", "negative"], "max_repairs": 2}})
@@ -71,7 +71,7 @@ class TestPrices:
     def test_a_sim_job_is_priced_by_the_simulators_table_not_the_jobs(self, tmp_path: Path) -> None:
         """provider = "sim" with the job's own prices: the run is billed at the simulator's table, so is the estimate."""
         data = write_jsonl(tmp_path / "in.jsonl", reviews(60))
-        model = {"provider": "sim", "model": "openai/gpt-4o-mini", "price_input_per_million": 0.15,
+        model = {"provider": "sim", "model": "vendor/unpriced-model", "price_input_per_million": 0.15,
                  "price_output_per_million": 0.6}
         job = write_job(tmp_path, input_path=data, models=[model])
         est = estimate(job)

@@ -15,7 +15,7 @@ from batch.job import load_job, parse_job
 BASE: dict[str, Any] = {
     "input": {"path": "in.jsonl", "template": "Say {text}"},
     "output": {"path": "out"},
-    "models": [{"provider": "openrouter", "model": "openai/gpt-3.5-turbo"}],
+    "models": [{"provider": "openrouter", "model": "openai/gpt-4.1-mini"}],
 }
 
 

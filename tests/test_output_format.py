@@ -143,10 +143,14 @@ class TestJsonSchema:
                                               or "")
 
     def test_forcing_structured_outputs_on_gpt35_is_refused_and_auto_is_not(self, tmp_path: Path,
-                                                                            sim: SimThread) -> None:
+                                                                            sim_factory: Any) -> None:
+        """A provider still serving gpt-3.5-turbo (JSON mode only): forcing json_schema is refused, auto sends
+        JSON mode from the catalog's facts."""
+        sim = sim_factory(catalog_retired=False)
         data = write_jsonl(tmp_path / "in.jsonl", reviews(20))
         for mode, want in (("json_schema", {"bad_request"}), ("auto", set())):
             job = write_job(tmp_path, input_path=data, base_url=sim.base_url, name=f"{mode}.toml",
+                            models=[{"provider": "local", "model": "openai/gpt-3.5-turbo"}],
                             output={"path": str(tmp_path / mode)}, request={"temperature": 0, "max_tokens": 80},
                             extra={"output_format": {"json_schema": SCHEMA, "response_format": mode}})
             run_cli("run", str(job), "-q")

@@ -45,8 +45,8 @@ class TestBuild:
         b = builder(system="Be brief.")
         batch = batch_of(id=[7], text=["cats"], who=["me"])
         (req,) = list(b.build(batch, b.ids(batch), None))
-        body = orjson.loads(req.body_for(b'{"model":"openai/gpt-3.5-turbo",'))
-        assert body == {"model": "openai/gpt-3.5-turbo", "temperature": 0, "messages": [
+        body = orjson.loads(req.body_for(b'{"model":"openai/gpt-4.1-mini",'))
+        assert body == {"model": "openai/gpt-4.1-mini", "temperature": 0, "messages": [
             {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Label cats for me"}]}
         assert req.id == "7" and req.prompt_tokens > 0 and len(req.request_hash) == 32
 

@@ -85,12 +85,12 @@ class TestSend:
         async def go() -> Any:
             async with open_session(4) as session:
                 ep = make_endpoint("sim", sim.base_url, None, {})
-                body = b'{"model":"openai/gpt-3.5-turbo","messages":[{"role":"user","content":"hi (a/b)"}]}'
-                return await send(session, ep, "openai/gpt-3.5-turbo", body, 10)
+                body = b'{"model":"openai/gpt-4.1-mini","messages":[{"role":"user","content":"hi (a/b)"}]}'
+                return await send(session, ep, "openai/gpt-4.1-mini", body, 10)
 
         reply = asyncio.run(go())
         assert reply.text in ("a", "b") and reply.finish_reason == "stop"
-        assert reply.model == "openai/gpt-3.5-turbo" and reply.provider == "Sim"
+        assert reply.model == "openai/gpt-4.1-mini" and reply.provider == "Sim"
         assert reply.prompt_tokens > 0 and reply.completion_tokens == 1 and reply.cost is not None
 
     def test_connection_refused_is_transient(self) -> None:

@@ -335,7 +335,7 @@ class TestRealRun:
         sim = sim_factory(faults={"429": 0.05, "500": 0.3}, seed=7)
         data_path = write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "text": f"row {i}"} for i in range(300)])
         job = write_job(tmp_path, input_path=data_path, base_url=sim.base_url,
-                        models=[{"provider": "local", "model": "openai/gpt-3.5-turbo", "requests_per_minute": 6000},
+                        models=[{"provider": "local", "model": "openai/gpt-4.1-mini", "requests_per_minute": 6000},
                                 {"provider": "local", "model": "mistralai/mistral-small",
                                  "price_input_per_million": 1.0, "price_output_per_million": 2.0}],
                         run={"max_attempts": 2, "max_cost_usd": 5.0})
@@ -353,5 +353,5 @@ class TestRealRun:
         assert data["attempts"]["cost_usd"] == pytest.approx(stats["cost_usd"].sum())
         df = pd.read_parquet(out / "results")
         assert data["rows"]["by_status"] == df["status"].value_counts().to_dict()
-        assert data["runs"][-1]["limits"]["local:openai/gpt-3.5-turbo"]["requests_per_minute"] == 6000
+        assert data["runs"][-1]["limits"]["local:openai/gpt-4.1-mini"]["requests_per_minute"] == 6000
         assert data["timeline"]["runs"][-1]["max_cost_usd"] == 5.0

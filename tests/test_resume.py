@@ -143,15 +143,15 @@ class TestBudget:
         sim = sim_factory()
         data = write_jsonl(tmp_path / "in.jsonl", rows(600))
         job = write_job(tmp_path, input_path=data, base_url=sim.base_url, run={"max_cost_usd": 0.004, "concurrency": 8},
-                        models=[{"provider": "local", "model": "openai/gpt-3.5-turbo"}])
+                        models=[{"provider": "local", "model": "openai/gpt-4.1-mini"}])
         proc = run_cli("run", str(job), "--quiet")
         assert proc.returncode == 3 and "budget" in proc.stderr
         first = results(tmp_path / "out")
         assert 0 < len(first) < 600
-        worst = (20 * 0.5 + 8 * 1.5) / 1e6  # one request's reservation, generously
+        worst = (20 * 0.4 + 8 * 1.6) / 1e6  # one request's reservation, generously
         assert first["cost_usd"].sum() <= 0.004 + 8 * worst
         job = write_job(tmp_path, input_path=data, base_url=sim.base_url, run={"max_cost_usd": 1.0},
-                        models=[{"provider": "local", "model": "openai/gpt-3.5-turbo"}])
+                        models=[{"provider": "local", "model": "openai/gpt-4.1-mini"}])
         assert run_cli("run", str(job), "--quiet").returncode == 0
         df = results(tmp_path / "out")
         assert len(df) == 600 and df["id"].is_unique

@@ -7,6 +7,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from batch.sim import SimConfig, Simulator
 from batch.sim_answers import answer_for, count_tokens, truncate
@@ -36,13 +37,13 @@ def test_chat_completion_shape_and_counters() -> None:
     """A request gets an OpenAI/OpenRouter-shaped reply, and the server counts it."""
     async def go() -> None:
         async with Simulator(SimConfig()) as sim:
-            status, body = await post(sim.base_url, {"model": "openai/gpt-3.5-turbo",
+            status, body = await post(sim.base_url, {"model": "openai/gpt-4.1-mini",
                                                      "messages": [{"role": "user", "content": "hi"}]})
             assert status == 200
             assert body["choices"][0]["message"]["role"] == "assistant"
             usage = body["usage"]
-            assert usage["cost"] == (usage["prompt_tokens"] * 0.5 + usage["completion_tokens"] * 1.5) / 1e6
-            assert sim.counters.requests == 1 and sim.counters.by_model["openai/gpt-3.5-turbo"] == 1
+            assert usage["cost"] == pytest.approx((usage["prompt_tokens"] * 0.4 + usage["completion_tokens"] * 1.6) / 1e6)
+            assert sim.counters.requests == 1 and sim.counters.by_model["openai/gpt-4.1-mini"] == 1
 
     asyncio.run(go())
 

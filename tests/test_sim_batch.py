@@ -22,7 +22,7 @@ from batch.sim_batch import NEXT, TERMINAL, Timeline
 # Phases long enough that a 20 ms poll sees each one on a busy machine, short enough for a fast test.
 FAST: dict[str, Any] = dict(batch_validating_seconds=0.25, batch_median_seconds=0.25, batch_spread=0.0,
                             batch_finalizing_seconds=0.25)
-MODEL = "openai/gpt-3.5-turbo"
+MODEL = "openai/gpt-4.1-mini"
 
 
 def request_lines(n: int, prefix: str = "row", max_tokens: int | None = 6) -> list[dict[str, Any]]:
@@ -95,11 +95,11 @@ class TestOpenRouter:
                 "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}}
 
         async def go() -> None:
-            async with Simulator(SimConfig(**FAST)) as sim, aiohttp.ClientSession() as s:
+            async with Simulator(SimConfig(**FAST, json_mode_only=(MODEL,))) as sim, aiohttp.ClientSession() as s:
                 base = f"http://127.0.0.1:{sim.port}/api/v1"
                 lines = [{"custom_id": "a", "body": body}]
                 _, created = await call(s, "POST", base + "/batches", submission(lines, model="sim/any"))
-                _, refused = await call(s, "POST", base + "/batches", submission(lines))  # gpt-3.5: no json_schema
+                _, refused = await call(s, "POST", base + "/batches", submission(lines))  # JSON mode only here
                 batch = await poll(s, f"{base}/batches/{created['id']}")
                 online_body = orjson.dumps({"model": "sim/any", **body})
                 _, online = await call(s, "POST", base + "/chat/completions", online_body)

@@ -104,7 +104,7 @@ class TestValidate:
     def test_rows_over_the_context_window_are_reported(self, tmp_path: Path) -> None:
         """Prompts too long for the smallest window are counted, with what will happen to them."""
         data = write_jsonl(tmp_path / "in.jsonl", good(3) + [{"id": "big", "text": "word " * 20_000}])
-        code, out = validate(tmp_path, data, models=[{"provider": "local", "model": "openai/gpt-3.5-turbo"}])
+        code, out = validate(tmp_path, data, models=[{"provider": "local", "model": "m", "context_window": 16385}])
         assert code == 0 and "1 rows exceed the 16385-token window" in out and "context_length" in out
 
     def test_missing_ids_block(self, tmp_path: Path) -> None:
@@ -144,10 +144,10 @@ class TestRunWithBadRows:
 
     def test_huge_prompt_becomes_an_error_row(self, tmp_path: Path, sim_factory: Factory) -> None:
         """A 5 MB prompt is sent once, refused for its length, and recorded; the run goes on."""
-        sim = sim_factory()
+        sim = sim_factory(context_windows={"m": 16385})
         data = write_jsonl(tmp_path / "in.jsonl", good(20) + [{"id": "huge", "text": "lorem ipsum " * 440_000}])
         job = write_job(tmp_path, input_path=data, base_url=sim.base_url,
-                        models=[{"provider": "local", "model": "openai/gpt-3.5-turbo"}])
+                        models=[{"provider": "local", "model": "m"}])
         assert run_cli("run", str(job), "--quiet").returncode == 1
         df = pd.read_parquet(tmp_path / "out" / "results").set_index("id")
         assert df.loc["huge", "error_type"] == "context_length"
