@@ -107,6 +107,7 @@ class Ticket:
     tokens: float
     request_entry: list[float] | None = None
     token_entry: list[float] | None = None
+    too_large: bool = False  # more tokens than the whole limit: the provider would refuse it, so send nothing
 
 
 @dataclass(slots=True)
@@ -155,6 +156,11 @@ class Gate:
             head = queue[0]
             if head.cancelled:
                 queue.popleft()
+                continue
+            if self.tokens is not None and head.tokens > self.tokens.cap:  # learnt while it waited
+                queue.popleft()
+                head.granted = Ticket(head.tokens, too_large=True)
+                granted.append(head)
                 continue
             wait = self.wait(now, head.tokens)
             if wait:

@@ -201,7 +201,8 @@ async def _run_output(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
     if cache is not None and cache.error is not None:
         progress.message(f"warning: {cache.error}; the results are complete, but later runs will "
                          "send these requests again")
-    summary.per_model = {(t.provider, t.model): t.stats.freeze(time.monotonic() - progress.started)
+    # keyed by the model's label: the same model may be in the chain twice, at two service tiers
+    summary.per_model = {(t.provider, t.label.split(":", 1)[1]): t.stats.freeze(time.monotonic() - progress.started)
                          for t in targets}
     summary.rows_this_run = tally.done
     final = Ledger.read(out)

@@ -17,7 +17,7 @@ import aiohttp
 
 from batch.attempts import AttemptLog
 from batch.budget import Budget
-from batch.errors import ProviderError, TransientError
+from batch.errors import FallbackError, ProviderError, TransientError
 from batch.limits import Ticket
 from batch.prompts import Request
 from batch.provider import Reply, send
@@ -118,6 +118,10 @@ class Sender:
         prompt = req.prompt_tokens + extra_prompt
         ticket = await t.limiter.acquire(prompt + completion) if t.limiter.limited else None
         self._check_stop()
+        if ticket is not None and ticket.too_large:  # the model's limit, learnt while this request waited
+            raise FallbackError(f"the request counts about {prompt + completion} tokens, more than the model's "
+                                f"whole limit of {t.limiter.gate.limit('tokens') or 0:g} tokens per minute", model=t.model,
+                                kind="request_too_large")
         if t.gone is not None or (t.breaker.is_open and not probe):  # decided while this request waited
             if ticket is not None:
                 t.limiter.refund(ticket)
