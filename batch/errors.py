@@ -92,6 +92,7 @@ class ProviderError(BatchError):
         self.status = status
         self.retry_after = retry_after
         self.charged_usd: float | None = None  # a failed attempt the provider still billed
+        self.charged_tokens: tuple[int, int] = (0, 0)  # its billed (prompt, completion) tokens
         if kind is not None:
             self.kind = kind
         super().__init__(self.detail)

@@ -145,6 +145,7 @@ def _parse(data: dict[str, Any], model: str, latency_ms: float, headers: Mapping
         exc = TransientError(f"error inside HTTP 200: {err.get('message', err)}", model=model, status=200,
                              kind="upstream_error")
         exc.charged_usd = _money(usage.get("cost"))  # partial answers are billed (OpenRouter)
+        exc.charged_tokens = (_count(usage.get("prompt_tokens")) or 0, _count(usage.get("completion_tokens")) or 0)
         raise exc
     if finish == "content_filter":
         raise FallbackError("the answer was withheld by a content filter", model=model, kind="content_filter")

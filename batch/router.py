@@ -100,7 +100,7 @@ class Router(Sender):
                 return self._ok(req, t, reply, row, level, chain)
         assert last is not None
         return error_result(req, last.kind, str(last), attempts=row.sent, level=final, model=last.model,
-                            charged=row.charged,
+                            charged=row.charged, billed=(row.billed_prompt, row.billed_completion),
                             output=row.invalid_answer if last.kind == "invalid_output" else None)
 
     def prefetch(self, reqs: Sequence[Request]) -> None:
@@ -293,7 +293,8 @@ class Router(Sender):
         if reply.model != t.model:  # OpenRouter's own fallback (server_fallback) answered
             level = next((j for j, x in enumerate(chain) if x.model == reply.model), level)
         return result_row(req, attempts=row.sent, reply=reply, provider=t.provider, level=level, parsed=row.parsed,
-                          cost=cost, cost_source=source, keep_body=self.policy.keep_response_body)
+                          cost=cost, cost_source=source, keep_body=self.policy.keep_response_body,
+                          billed=(row.billed_prompt, row.billed_completion))
 
 
 def _then(gives_up: bool, is_last: bool, otherwise: str) -> str:

@@ -55,11 +55,14 @@ class Policy:
 class Row:
     """What one row has spent so far across attempts and models, and its last checked answer."""
 
-    __slots__ = ("sent", "charged", "parsed", "invalid_answer", "started", "clock", "in_flight")
+    __slots__ = ("sent", "charged", "billed_prompt", "billed_completion", "parsed", "invalid_answer", "started",
+                 "clock", "in_flight")
 
     def __init__(self) -> None:
         self.sent = 0
-        self.charged = 0.0
+        self.charged = 0.0  # billed for replies that are not the row's answer
+        self.billed_prompt = 0  # tokens of every billed reply of the row, its answer included
+        self.billed_completion = 0
         self.parsed: Any = None
         self.invalid_answer: str | None = None  # kept on the error row when no valid answer came
         self.started = 0.0  # unix time the last attempt was sent (the attempt log)
@@ -136,7 +139,9 @@ class Sender:
         except ProviderError as e:
             self._answered_with(t, e)
             self.budget.release(worst)
-            self.budget.bill(t.label, e.charged_usd)
+            self.budget.bill(t.label, e.charged_usd, *e.charged_tokens)
+            if e.charged_usd:
+                self._count_billed(t, row, *e.charged_tokens)
             if ticket is not None and (e.status == 429 or e.kind in UNREACHABLE_KINDS):
                 t.limiter.refund(ticket)  # a 429, or a connection never made, was not counted by the provider
             raise
@@ -150,6 +155,7 @@ class Sender:
         self.ever_answered = True
         self.budget.release(worst)
         self.budget.bill(t.label, t.cost_of(reply)[0], reply.prompt_tokens, reply.completion_tokens)
+        self._count_billed(t, row, reply.prompt_tokens, reply.completion_tokens)
         self._steer(t, reply, ticket)
         return reply
 
@@ -187,6 +193,13 @@ class Sender:
         t.steer.answered(used)
         if ticket is not None:
             t.limiter.settle(ticket, used)
+
+    @staticmethod
+    def _count_billed(t: Target, row: Row, prompt: int, completion: int) -> None:
+        row.billed_prompt += prompt
+        row.billed_completion += completion
+        t.stats.billed_prompt_tokens += prompt
+        t.stats.billed_completion_tokens += completion
 
     def answered(self) -> None:
         self.last_success = time.monotonic()

@@ -42,7 +42,7 @@ BASE_FIELDS: list[tuple[str, pa.DataType]] = [
     ("cached_tokens", pa.int64()), ("reasoning_tokens", pa.int64()),
     ("cost_usd", pa.float64()), ("cost_source", pa.string()), ("latency_ms", pa.float64()),
     ("error_type", pa.string()), ("error_message", pa.string()), ("request_hash", pa.string()),
-    ("cached", pa.bool_()),
+    ("cached", pa.bool_()), ("billed_prompt_tokens", pa.int64()), ("billed_completion_tokens", pa.int64()),
 ]
 RESPONSE_BODY = ("response_body", pa.string())  # only with output.raw_response
 _CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError,
@@ -268,12 +268,36 @@ class Sink:
 
 
 def _replaced(path: Path, new: pa.Table) -> pa.Table:
-    """The part at ``path`` with the rows of ``new``'s ids replaced by ``new``'s rows."""
+    """The part at ``path`` with the rows of ``new``'s ids replaced by ``new``'s rows, which carry on what
+    the old rows were billed (cost_usd and billed tokens count everything billed for an id, across runs)."""
     try:
         old = pq.read_table(path)
     except FileNotFoundError:
         return new  # the part was set aside as damaged meanwhile: the new rows are all there is
-    kept = old.filter(pc.invert(pc.is_in(old["id"], value_set=new["id"])))
+    replaced = pc.is_in(old["id"], value_set=new["id"])
+    new = _carry_billing(old.filter(replaced), new)
+    kept = old.filter(pc.invert(replaced))
     if kept.schema.equals(new.schema):
         return pa.concat_tables([kept, new])
     return pa.concat_tables([kept, new], promote_options="permissive")  # a part written before a --force
+
+
+BILLING_COLUMNS = ("cost_usd", "billed_prompt_tokens", "billed_completion_tokens")
+
+
+def _carry_billing(old: pa.Table, new: pa.Table) -> pa.Table:
+    """``new`` with the old rows' billing added to each id's (a column older parts lack counts as nothing)."""
+    columns = [c for c in BILLING_COLUMNS if c in old.column_names and c in new.column_names]
+    if not columns or old.num_rows == 0:
+        return new
+    before = {rid: vals for rid, *vals in zip(old["id"].to_pylist(), *(old[c].to_pylist() for c in columns))}
+    for i, name in enumerate(columns):
+        added = [_plus(v, before.get(rid, [None] * len(columns))[i])
+                 for rid, v in zip(new["id"].to_pylist(), new[name].to_pylist())]
+        new = new.set_column(new.schema.get_field_index(name), new.schema.field(name),
+                             pa.array(added, new.schema.field(name).type))
+    return new
+
+
+def _plus(a: Any, b: Any) -> Any:
+    return b if a is None else a if b is None else a + b

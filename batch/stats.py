@@ -36,8 +36,10 @@ class Counts:
     retries: int = 0
     rate_limited: int = 0
     fallbacks_in: int = 0
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # of the answers kept (one per ok row)
     completion_tokens: int = 0
+    billed_prompt_tokens: int = 0  # of every billed reply: answers, repairs, invalid answers, billed failures
+    billed_completion_tokens: int = 0
     cost_usd: float = 0.0
     charged_failures: int = 0
     cache_hits: int = 0  # rows answered from the response cache (not requests: nothing was sent)

@@ -123,3 +123,33 @@ def test_stats_written_by_an_earlier_version_gain_the_new_columns(tmp_path: Path
     table = pq.read_table(tmp_path / "stats.parquet")
     assert table["run_id"].to_pylist() == ["old-run", "new-run"]
     assert table["cache_hits"].to_pylist() == [0, 7]
+
+
+class TestBilledTokens:
+    def test_every_billed_token_is_counted_per_row_and_in_stats(self, tmp_path: Path, sim_factory: Factory) -> None:
+        """Repairs of invalid answers, billed failures (finish_reason "error") and a --retry-errors rerun:
+        rows' billed tokens x the built-in prices = rows' cost = stats' billed tokens x prices = stats' cost."""
+        sim = sim_factory(invalid_answers=0.3, faults={"finish_error": 0.05, "500": 0.05}, seed=9)
+        data = write_jsonl(tmp_path / "in.jsonl", rows(300))
+        job = write_job(tmp_path, input_path=data, base_url=sim.base_url, models=[GPT],
+                        input={"template": "Label (positive/negative/neutral): {text}"},
+                        request={"temperature": 0, "max_tokens": 5}, run={"max_attempts": 1},
+                        extra={"output_format": {"labels": ["positive", "negative", "neutral"], "max_repairs": 1}})
+        assert run_cli("run", str(job), "--quiet").returncode == 1
+        assert run_cli("run", str(job), "--quiet", "--retry-errors").returncode in (0, 1)
+        df = results(tmp_path)
+        stats = pd.read_parquet(tmp_path / "out" / "stats.parquet")
+
+        def priced(prompt: float, completion: float) -> float:
+            return (prompt * 0.40 + completion * 1.60) / 1e6
+
+        rows_cost = df["cost_usd"].fillna(0).sum()
+        assert rows_cost == pytest.approx(priced(df["billed_prompt_tokens"].sum(),
+                                                 df["billed_completion_tokens"].sum()), rel=1e-9)
+        assert stats["cost_usd"].sum() == pytest.approx(priced(stats["billed_prompt_tokens"].sum(),
+                                                               stats["billed_completion_tokens"].sum()), rel=1e-9)
+        assert rows_cost == pytest.approx(stats["cost_usd"].sum(), rel=1e-9)
+        assert rows_cost == pytest.approx(sim.counters.billed_usd, rel=1e-9)
+        assert stats["billed_prompt_tokens"].sum() > stats["prompt_tokens"].sum()  # repairs and failures count
+        invalid = df[df["error_type"] == "invalid_output"]
+        assert len(invalid) and (invalid["billed_prompt_tokens"] > 0).all() and invalid["prompt_tokens"].isna().all()
