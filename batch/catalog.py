@@ -14,9 +14,10 @@ from typing import Any
 SIM_BASE_URL = "sim://in-process"  # replaced by the real loopback URL at run time
 
 BUILTIN_PROVIDERS: dict[str, dict[str, Any]] = {
-    "openrouter": {"base_url": "https://openrouter.ai/api/v1", "api_key_env": "OPENROUTER_API_KEY"},
-    "openai": {"base_url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY"},
-    "sim": {"base_url": SIM_BASE_URL, "api_key_env": None},
+    "openrouter": {"base_url": "https://openrouter.ai/api/v1", "api_key_env": "OPENROUTER_API_KEY",
+                   "batch_api": "openrouter"},
+    "openai": {"base_url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY", "batch_api": "openai"},
+    "sim": {"base_url": SIM_BASE_URL, "api_key_env": None, "batch_api": "openai"},
 }
 
 

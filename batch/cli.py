@@ -21,6 +21,7 @@ import orjson
 from batch import __version__
 from batch.cache import default_cache_path
 from batch.cli_sim import add_sim_parser, run_sim
+from batch.cli_status import add_status_parser, run_status
 from batch.errors import BatchError, InputError, Interrupted, JobError, OutputError
 from batch.job import CACHE_MODES, load_job
 from batch.plan import make_plan, scan
@@ -85,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true", help="print what the cache holds as JSON")
 
     add_sim_parser(sub)
+    add_status_parser(sub)
     return p
 
 
@@ -117,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _keep_pandas_out()
     commands = {"run": _run, "validate": _validate, "estimate": _estimate, "stats": _stats, "report": _report,
-                "compact": _compact, "export": _export, "cache": _cache, "sim": run_sim}
+                "compact": _compact, "export": _export, "cache": _cache, "sim": run_sim, "status": run_status}
     try:
         return commands[args.command](args)
     except (KeyboardInterrupt, Interrupted):  # before a run installed its own handlers

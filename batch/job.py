@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import gzip
 import re
+import time
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ from batch.checks import Problems, check_keys, choice, get, table
 from batch.errors import JobError
 from batch.sim_config import SimConfig
 from batch.sim_knobs import knobs, options_from_table
+from batch.lane_plan import parse_deadline
 from batch.spec import (BODY_MODEL, CACHE_MODES, INPUT_FORMATS, ON_BAD_ROW, InputSpec, Job, ModelSpec,
                         OutputFormatSpec, OutputSpec, ProviderSpec, RunSpec, SimSpec)
 
@@ -166,7 +168,7 @@ def _providers(root: Mapping[str, Any], models: tuple[ModelSpec, ...], p: Proble
         if not isinstance(given, dict):
             p.add(f"providers.{name}", "expected a table")
             continue
-        check_keys(given, ("base_url", "api_key_env", "headers"), w, p)
+        check_keys(given, ("base_url", "api_key_env", "headers", "batch_api"), w, p)
         old = providers.get(name)
         base_url = get(given, "base_url", str, w, p, old.base_url if old else None, required=old is None)
         headers = given.get("headers", old.headers if old else {})
@@ -180,6 +182,8 @@ def _providers(root: Mapping[str, Any], models: tuple[ModelSpec, ...], p: Proble
             base_url=(base_url or "").rstrip("/"),
             api_key_env=get(given, "api_key_env", str, w, p, old.api_key_env if old else None),
             headers=dict(headers),
+            batch_api=choice(given, "batch_api", ("openrouter", "openai"), w, p, (old.batch_api if old else None) or "")
+            or None,
         )
     for i, m in enumerate(models):
         if m.provider not in providers:
@@ -205,14 +209,37 @@ def _run(raw: dict[str, Any], base: Path, p: Problems) -> RunSpec:
     for name, hint in get_type_hints(RunSpec).items():
         kind = next(t for t in (get_args(hint) or (hint,)) if t is not type(None))  # X | None -> X
         default = getattr(d, name)
-        if name in _CHOICES:
+        if name == "lanes":
+            values[name] = _lanes(raw, p)
+        elif name in _CHOICES:
             values[name] = choice(raw, name, _CHOICES[name], w, p, default)
         elif kind is Path:  # relative to the job file
             given = get(raw, name, str, w, p)
             values[name] = (base / Path(given).expanduser()).resolve() if given else default
         else:
             values[name] = get(raw, name, kind, w, p, default)
-    return RunSpec(**values)
+    spec = RunSpec(**values)
+    if spec.deadline is not None:
+        try:
+            parse_deadline(spec.deadline, time.time())
+        except ValueError as exc:
+            p.add("run.deadline", str(exc))
+    if "batch" in spec.lanes and "online" in spec.lanes and spec.deadline is None:
+        p.add("run.lanes", "both lanes need run.deadline to plan against (e.g. deadline = \"07:00\" or \"8h\"); "
+              "lanes = [\"batch\"] alone sends everything to provider batches and waits for them")
+    return spec
+
+
+LANES = ("online", "batch")
+
+
+def _lanes(raw: dict[str, Any], p: Problems) -> tuple[str, ...]:
+    given = get(raw, "lanes", list, "run.", p, ["online"])
+    bad = [x for x in given if x not in LANES]
+    if bad or not given:
+        p.add("run.lanes", f"expected a list of {' and '.join(LANES)}, got {given!r}")
+        return ("online",)
+    return tuple(dict.fromkeys(given))
 
 
 # Keys of [sim]: the fields of SimConfig (batch/sim_config.py), checked by their types (batch/sim_knobs.py).

@@ -49,6 +49,7 @@ class Request(NamedTuple):
     model: str | None = None  # an OpenAI Batch line's own body.model (body_model = "keep")
     max_tokens: int | None = None  # an OpenAI Batch line's own max_tokens (None: the job's)
     replaces: int = -1  # redone rows (--retry-*): the number of the part holding the row's older result
+    carried: tuple[float, int, int] = (0.0, 0, 0)  # (USD, prompt, completion tokens) billed in another lane
 
     def body_for(self, prefix: bytes) -> bytes:
         """The full body: a model's ``prefix`` (``{"model":"x",``) and this row's tail."""

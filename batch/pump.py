@@ -29,6 +29,7 @@ from batch.sinks import Sink
 
 if TYPE_CHECKING:
     from batch.job import Job
+    from batch.lanes import LaneManager
     from batch.output import Resume
     from batch.plan import Plan
 
@@ -69,8 +70,8 @@ class Pump:
 
     def __init__(self, job: Job, plan: Plan, resume: Resume, limit: int | None, grace_seconds: float,
                  router: Router, sink: Sink, stop: Stop, tally: Tally, progress: Progress,
-                 targets: Sequence[Target]) -> None:
-        self.job, self.plan, self.limit = job, plan, limit
+                 targets: Sequence[Target], lanes: LaneManager | None = None) -> None:
+        self.job, self.plan, self.limit, self.lanes = job, plan, limit, lanes
         self.done_mask, self.old_parts = resume.done_mask, resume.old_parts
         self.grace_seconds = grace_seconds
         self.router, self.sink, self.stop, self.tally, self.progress = router, sink, stop, tally, progress
@@ -88,14 +89,16 @@ class Pump:
         read_task = asyncio.create_task(self.reader())
         workers = [asyncio.create_task(self.worker()) for _ in range(self.workers)]
         mon = asyncio.create_task(self.monitor())
+        lanes = asyncio.create_task(self.lanes.run(self.queue)) if self.lanes is not None else None
         try:
             await self._supervise(read_task, workers)
             read_task.cancel()  # no-op when it has finished; else it may wait to put a sentinel nobody takes
             await asyncio.gather(read_task, return_exceptions=True)
         finally:
-            for task in (read_task, *workers):  # cancelled from outside: no worker may outlive the session
-                task.cancel()
-            await asyncio.gather(read_task, *workers, return_exceptions=True)
+            tasks = (read_task, *workers, *([lanes] if lanes is not None else []))
+            for task in tasks:  # cancelled from outside: no worker may outlive the session
+                task.cancel()  # batches in flight stay recorded: a rerun reattaches to them
+            await asyncio.gather(*tasks, return_exceptions=True)
             mon.cancel()
             loop = asyncio.get_running_loop()
             for sig in installed:
@@ -103,6 +106,15 @@ class Pump:
             await asyncio.gather(mon, return_exceptions=True)
 
     async def reader(self) -> None:
+        await self._read_input()
+        if self.lanes is not None and self.stop.reason is None:
+            for req in self.lanes.early:  # given back by the batch lane before the workers started
+                await self.queue.put(req)
+            await self.lanes.done.wait()  # rows batches give back come into the queue until then
+        for _ in range(self.workers):
+            await self.queue.put(_DONE)
+
+    async def _read_input(self) -> None:
         budget = self.limit
         plan, router, stop = self.plan, self.router, self.stop
         for batch in plan.batches(on_bad_line=lambda n, m: None):  # only reached with on_bad_row = "skip"
@@ -126,8 +138,6 @@ class Pump:
             if budget == 0:
                 break
             await asyncio.sleep(0)  # let workers run between batches
-        for _ in range(self.workers):
-            await self.queue.put(_DONE)
 
     async def worker(self) -> None:
         skip_bad = self.job.run.on_bad_row == "skip"
@@ -173,6 +183,8 @@ class Pump:
             self._warn_breakers()
             held = [f"{t.model} {'paused' if t.limiter.paused else 'at limit'}"
                     for t in self.targets if t.limiter.waiting]
+            if self.lanes is not None and (flight := self.lanes.in_flight()):
+                held.append(flight)
             self.progress.update(self.tally, ", ".join(held))
 
     def _check_give_up(self) -> None:

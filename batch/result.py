@@ -42,6 +42,8 @@ class Result(NamedTuple):
     cached: bool  # answered from the response cache: no request, no cost
     billed_prompt_tokens: int | None  # tokens of every billed reply for this id (cost_usd is their price)
     billed_completion_tokens: int | None
+    lane: str  # "online" (a request, or the response cache) or "batch" (a provider Batch API)
+    batch_id: str | None  # the provider's batch that answered it (lane "batch")
     response_body: bytes | None  # the reply's JSON body (output.raw_response), else None
     keep: tuple[Any, ...]
 
@@ -50,7 +52,7 @@ def result_row(req: Request, *, attempts: int, reply: Reply | None = None, error
                provider: str | None = None, level: int | None = None, model: str | None = None,
                parsed: Any = None, output: str | None = None, cost: float | None = None,
                cost_source: str | None = None, cached: bool = False, keep_body: bool = False,
-               billed: tuple[int, int] = (0, 0)) -> Result:
+               billed: tuple[int, int] = (0, 0), lane: str = "online", batch_id: str | None = None) -> Result:
     """The row for ``req``: an answer (``reply``) or an error (``error`` = (error_type, message)).
 
     An error row may still carry ``output`` (the last invalid answer) and the
@@ -60,11 +62,12 @@ def result_row(req: Request, *, attempts: int, reply: Reply | None = None, error
         return Result(req.id, "ok", reply.text, parsed, reply.finish_reason, reply.model, provider, level, attempts,
                       reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens, reply.reasoning_tokens,
                       cost, cost_source, None if cached else round(reply.latency_ms, 3), None, None,
-                      req.request_hash, cached, billed[0], billed[1], reply.raw if keep_body else None, req.keep)
+                      req.request_hash, cached, billed[0], billed[1], lane, batch_id, reply.raw if keep_body else None,
+                      req.keep)
     kind, message = error if error is not None else ("internal", "no reply and no error")
     return Result(req.id, "error", output, None, None, model, provider, level, attempts, None, None, None, None,
-                  cost, cost_source, None, kind, message, req.request_hash, False, billed[0], billed[1], None,
-                  req.keep)
+                  cost, cost_source, None, kind, message, req.request_hash, False, billed[0], billed[1], lane,
+                  batch_id, None, req.keep)
 
 
 def error_result(req: Request, kind: str, message: str, *, attempts: int, level: int | None = None,

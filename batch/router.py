@@ -88,6 +88,8 @@ class Router(Sender):
             if not cache.writable:
                 return error_result(req, "cache_miss", miss_message(req, cache), attempts=0)
         row = Row()
+        if req.carried[0]:  # billed in the batch lane already (an invalid answer sent back online)
+            row.charged, row.billed_prompt, row.billed_completion = req.carried
         last: ProviderError | None = None
         final = len(chain) - 1
         for level, t in enumerate(chain):

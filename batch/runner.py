@@ -45,6 +45,8 @@ from batch.sinks import Sink, result_schema
 from batch.spend import SpendJournal
 from batch.stats import Usage, append_stats, stats_rows
 from batch.store import Ledger, write_manifest
+from batch.lanes import start_lanes
+from batch.stats import ModelStats
 from batch.targets import build_targets, check_models
 
 GRACE_SECONDS = 30.0
@@ -157,7 +159,8 @@ async def _run_locked(job: Job, options: RunOptions, started: float) -> Summary:
         resume = resume_state(out, report, retry_errors=options.retry_errors,
                               retry_truncated=options.retry_truncated)
         summary.rows_skipped = resume.skipped
-        report.ids = None  # not needed any more: free them before sending
+        if "batch" not in job.run.lanes:
+            report.ids = None  # not needed any more: free them before sending (the batch lane needs them)
         await _run_output(job, plan, report, resume, options, cache, manifest, summary)
     finally:
         if cache is not None:
@@ -185,8 +188,8 @@ async def _run_output(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
     journal = SpendJournal(out, run_id)
     log = AttemptLog(out, run_id, flush_seconds=job.output.flush_seconds) if job.output.attempt_log else None
     try:
-        targets = await _send_all(job, plan, report.body_models, resume, limit, options, cache, (journal, log),
-                                  stop, tally, progress)
+        targets, lane_stats = await _send_all(job, plan, report, resume, limit, options, cache, (journal, log),
+                                              stop, tally, progress)
     except JobError as exc:  # found only once the providers were asked (check_models): nothing was sent
         entry.update(ended=_now(), outcome="refused", stop_reason=str(exc))
         write_manifest(out, manifest)
@@ -202,8 +205,9 @@ async def _run_output(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
         progress.message(f"warning: {cache.error}; the results are complete, but later runs will "
                          "send these requests again")
     # keyed by the model's label: the same model may be in the chain twice, at two service tiers
-    summary.per_model = {(t.provider, t.label.split(":", 1)[1]): t.stats.freeze(time.monotonic() - progress.started)
-                         for t in targets}
+    wall = time.monotonic() - progress.started
+    summary.per_model = {(s.label.split(":", 1)[0], s.label.split(":", 1)[1]): s.freeze(wall)
+                         for s in [*(t.stats for t in targets), *lane_stats]}
     summary.rows_this_run = tally.done
     final = Ledger.read(out)
     summary.rows_ok, summary.rows_error = final.ok, final.errors
@@ -221,13 +225,14 @@ async def _run_output(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
     _finish_output(out, run_id, manifest, entry, summary, tally, journal)
 
 
-async def _send_all(job: Job, plan: Plan, body_models: Iterable[str], resume: Resume, limit: int | None,
+async def _send_all(job: Job, plan: Plan, report: ScanReport, resume: Resume, limit: int | None,
                     options: RunOptions, cache: ResponseCache | None, records: tuple[SpendJournal, AttemptLog | None],
-                    stop: Stop, tally: Tally, progress: Progress) -> list[Target]:
-    """The sending part of a run: simulator, session, sink, router, pump. Returns the targets (with stats)."""
+                    stop: Stop, tally: Tally, progress: Progress) -> tuple[list[Target], list[ModelStats]]:
+    """The sending part of a run: simulator, session, sink, router, lanes, pump. Returns the targets (with
+    stats) and the batch lane's stats."""
     out = job.output.path
     async with _maybe_sim(job) as sim_url:
-        targets, row_chains = build_targets(job, sim_url, body_models)
+        targets, row_chains = build_targets(job, sim_url, report.body_models)
 
         def on_fatal(e: FatalError) -> None:
             stop.request(f"the provider refused the run: {e}. Fix this, then rerun the same command to resume.")
@@ -250,13 +255,16 @@ async def _send_all(job: Job, plan: Plan, body_models: Iterable[str], resume: Re
                             cache=cache, row_chains=row_chains, checker=checker,
                             max_repairs=job.output_format.max_repairs if job.output_format else 0, log=records[1],
                             on_gone=lambda t: progress.message(_gone_message(job, t, targets)))
+            lanes = await start_lanes(job, plan, report, resume, targets[0], session, sink, tally, progress, checker) \
+                if "batch" in job.run.lanes else None
+            report.ids = None
             await Pump(job, plan, resume, limit, options.grace_seconds, router, sink, stop, tally, progress,
-                       targets).run()
+                       targets, lanes).run()
             await sink.drain()
             if sink.error is not None:
                 stop.request(str(sink.error))
         progress.close(tally)
-    return targets
+    return targets, [lanes.stats] if lanes is not None else []
 
 
 def _gone_message(job: Job, t: Target, targets: list[Target]) -> str:

@@ -43,6 +43,7 @@ BASE_FIELDS: list[tuple[str, pa.DataType]] = [
     ("cost_usd", pa.float64()), ("cost_source", pa.string()), ("latency_ms", pa.float64()),
     ("error_type", pa.string()), ("error_message", pa.string()), ("request_hash", pa.string()),
     ("cached", pa.bool_()), ("billed_prompt_tokens", pa.int64()), ("billed_completion_tokens", pa.int64()),
+    ("lane", pa.string()), ("batch_id", pa.string()),
 ]
 RESPONSE_BODY = ("response_body", pa.string())  # only with output.raw_response
 _CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError,

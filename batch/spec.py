@@ -64,6 +64,7 @@ class ProviderSpec:
     base_url: str
     api_key_env: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    batch_api: str | None = None  # "openrouter" | "openai": the provider's Batch API, for the batch lane
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,6 +86,13 @@ class RunSpec:
     give_up_seconds: float = 600.0  # stop the run (exit 3) when no model has answered for this long
     unreachable_seconds: float = 30.0  # stop (exit 3) when the endpoint never answered and refuses connections
     max_wait_seconds: float = 60.0  # no single wait (Retry-After, a reset, a probe) is longer
+    # lanes (batch/lanes.py): provider Batch APIs at about half price, finished online against a deadline
+    lanes: tuple[str, ...] = ("online",)  # "online", "batch", or both
+    deadline: str | None = None  # "07:00", an ISO time, or a duration ("8h", "90m"): every row answered by then
+    online_rows_per_second: float | None = None  # the online pace to plan with (default: from the first model's limits)
+    batch_expected_seconds: float = 3600.0  # how long a provider batch usually takes (OpenRouter: 90% within 1 h)
+    batch_poll_seconds: float = 30.0
+    batch_rows: int = 5000  # rows per submitted batch (at most what the provider's API takes)
     spill_on_rate_limit: bool = False  # rows move to the next model while the primary is rate limited
     check_models: bool = False  # GET {base_url}/models first: live prices, context windows, missing models
     cache: str = "off"  # "off" | "read-write" | "replay": the response cache (batch/cache.py)

@@ -46,6 +46,7 @@ class Counts:
     repairs: int = 0  # requests that asked again after an invalid answer ([output_format])
     invalid_outputs: int = 0  # answers that failed the output_format check
     flex_refusals: int = 0  # service_tier "flex" requests refused for want of capacity (not billed; fell back)
+    second_answers: int = 0  # batch lines answered for rows already answered online: billed twice, kept once
 
 
 COUNTERS: tuple[str, ...] = tuple(f.name for f in fields(Counts))

@@ -107,7 +107,7 @@ def test_the_writer_turns_only_an_unstorable_row_into_an_error() -> None:
 
     def row(i: int, n: int) -> Result:
         return Result(f"r{i}", "ok", "text", {"n": n}, "stop", "m", "p", 0, 1, 1, 1, None, None, 0.1, "provider", 1.0,
-                      None, None, "h", False, 1, 1, None, ({"k": i},))
+                      None, None, "h", False, 1, 1, "online", None, None, ({"k": i},))
 
     table = to_table([row(0, 1), row(1, 2**70), row(2, 3)], schema)
     out = {r["id"]: r for r in table.to_pylist()}

@@ -1,0 +1,97 @@
+"""Planning the lanes against a deadline: pure arithmetic, on any clock.
+
+The batch lane is about half the price and takes minutes to hours; the online
+lane runs at the model's rate limit. The plan:
+
+- **At the start**, every row still to do goes to provider batches, if there
+  is time: a batch that cannot be cancelled (OpenRouter) is not submitted
+  later than ``batch_expected_seconds`` before the deadline, since pulling its
+  rows back online would pay for them twice; one that can (OpenAI) is worth
+  submitting while the online lane could still do its rows in time.
+- **At every poll**, the rows batches still owe are compared with what the
+  online lane can answer before the deadline (its pace times the time left,
+  with a safety share, less its own backlog). Once they would not fit, the
+  newest batches are pulled back, just enough of them: OpenAI batches are
+  cancelled; OpenRouter's cannot be, so their rows go online and a late
+  answer from the batch is a second answer (billed, recorded in stats, never
+  a second row).
+- Lines that failed or expired go to another batch while there is time for
+  one, else online.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+SAFETY = 0.8  # plan the online lane at this share of its pace: latency, retries and jitter take the rest
+MARGIN_SECONDS = 10.0  # and finish this long before the deadline
+_DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
+_CLOCK_RE = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*$")
+
+
+def parse_deadline(text: str, now: float) -> float:
+    """A unix time from ``"07:00"`` (the next such local time), an ISO time, or a duration (``8h``, ``90m``,
+    ``1h30m``, ``45s``) from ``now``. ValueError says what forms are accepted."""
+    if (m := _CLOCK_RE.match(text)) is not None:
+        hour, minute = int(m.group(1)), int(m.group(2))
+        if hour > 23 or minute > 59:
+            raise ValueError(f"{text!r} is not a time of day")
+        start = datetime.fromtimestamp(now)
+        at = start.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        return (at if at.timestamp() > now else at + timedelta(days=1)).timestamp()
+    if (m := _DURATION_RE.match(text)) is not None and any(m.groups()):
+        h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+        return now + h * 3600 + mi * 60 + s
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ValueError(f"cannot read {text!r}: write a time of day (\"07:00\"), an ISO time "
+                         "(\"2026-12-03T07:00:00+01:00\") or a duration (\"8h\", \"90m\", \"1h30m\")") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Outstanding:
+    """A batch still running: how many of its rows it has not answered yet, and whether it can be cancelled."""
+
+    key: str
+    rows_owed: int
+    cancellable: bool
+    submitted_at: float
+
+
+def online_capacity(now: float, deadline: float, rows_per_second: float, backlog: int) -> float:
+    """Rows the online lane can still answer before the deadline, after its own backlog."""
+    return max(0.0, rows_per_second * SAFETY * (deadline - now - MARGIN_SECONDS)) - backlog
+
+
+def may_submit(now: float, deadline: float, *, cancellable: bool, expected_seconds: float, rows: int,
+               rows_per_second: float) -> bool:
+    """Is a new batch worth it? One that cannot be cancelled needs the usual batch time before the
+    deadline; one that can needs only that the online lane could still do its rows if pulled back."""
+    left = deadline - now - MARGIN_SECONDS
+    if not cancellable:
+        return left >= expected_seconds
+    return left > 0 and online_capacity(now, deadline, rows_per_second, 0) >= rows * 0.25
+
+
+def to_pull_back(now: float, deadline: float, rows_per_second: float, backlog: int,
+                 batches: Sequence[Outstanding]) -> list[str]:
+    """The batches whose rows must go online now (newest first), just enough that the rest fits."""
+    capacity = online_capacity(now, deadline, rows_per_second, backlog)
+    owed = sum(b.rows_owed for b in batches)
+    pulled = []
+    for b in sorted(batches, key=lambda b: (b.cancellable is False, -b.submitted_at)):
+        if owed <= capacity:
+            break
+        pulled.append(b.key)
+        owed -= b.rows_owed
+        capacity -= b.rows_owed  # its rows now take online time too
+    return pulled
+
+
+def now() -> float:
+    return time.time()
