@@ -3,7 +3,7 @@
 ::
 
     lock the output (one writer per directory)
-    plan.scan (blocking checks, nothing sent)
+    preflight: keys, cache; plan.scan: the input (blocking checks, nothing sent; see batch/preflight.py)
     output: --fresh, fingerprint, runs that never ended, what is done
     pump: read_batches -> PromptBuilder.build -> Queue -> workers: Router.route -> Sink
     end: drain sink, stats.parquet, manifest, summary
@@ -37,7 +37,8 @@ from batch.lock import OutputLock
 from batch.output import Resume, close_unfinished, prepare_output, resume_state
 from batch.plan import Plan, ScanReport, make_plan, scan
 from batch.progress import Progress, Tally
-from batch.provider import make_endpoint, open_session
+from batch.preflight import check_setup
+from batch.provider import open_session
 from batch.pump import Pump, Stop
 from batch.router import Policy, Router, Target
 from batch.sim import SimConfig, Simulator
@@ -96,13 +97,6 @@ async def _maybe_sim(job: Job) -> AsyncIterator[str | None]:
         yield None
 
 
-def _check_keys(job: Job) -> None:
-    """A missing key is an invalid job: say so before reading anything."""
-    for m in job.models:
-        spec = job.provider_of(m)
-        make_endpoint(spec.name, spec.base_url, spec.api_key_env, spec.headers, require_key=job.run.cache != "replay")
-
-
 async def run_async(job: Job, options: RunOptions | None = None, **overrides: Any) -> Summary:
     """Run a job to completion or to a stop; never raises for row-level failures.
 
@@ -110,7 +104,7 @@ async def run_async(job: Job, options: RunOptions | None = None, **overrides: An
     """
     options = _options(options, overrides)
     started = time.monotonic()
-    _check_keys(job)
+    check_setup(job)  # a missing key is said before a long scan (batch/preflight.py lists every check)
     with OutputLock(job.output.path):
         return await _run_locked(job, options, started)
 
@@ -174,6 +168,8 @@ async def _run_output(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
     limit = options.limit if options.limit is not None else job.run.limit
     to_do = report.rows - resume.skipped if limit is None else min(report.rows - resume.skipped, limit)
     progress = Progress(to_do, quiet=options.quiet)
+    for warning in job.warnings:
+        progress.message(f"warning: {warning}")
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     entry: dict[str, object] = {"run_id": run_id, "started": _now(), "ended": None, "outcome": "running",
                                 "limits": {m.label: {"requests_per_minute": m.requests_per_minute,
