@@ -24,7 +24,8 @@ from batch.cli_sim import add_sim_parser, run_sim
 from batch.cli_validate import add_validate_parser, run_validate
 from batch.errors import BatchError, InputError, Interrupted, JobError, OutputError
 from batch.job import CACHE_MODES, load_job
-from batch.runner import EXIT_INVALID, EXIT_STOPPED, RunOptions, Summary, run_async
+from batch.runner import EXIT_INVALID, EXIT_STOPPED, RunOptions, run_async
+from batch.summary import format_summary, summary_dict
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -151,51 +152,6 @@ def _run(args: argparse.Namespace) -> int:
     if summary.stop_reason:
         print(f"stopped: {summary.stop_reason}", file=sys.stderr)
     return summary.exit_code
-
-
-def summary_dict(s: Summary) -> dict[str, object]:
-    u = s.usage
-    return {
-        "output": str(s.out_dir), "exit_code": s.exit_code, "stop_reason": s.stop_reason,
-        "rows": s.rows_total, "ok": s.rows_ok, "error": s.rows_error, "rows_this_run": s.rows_this_run,
-        "rows_skipped": s.rows_skipped, "requests": u.requests, "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens, "cost_usd": round(u.cost_usd, 8),
-        "cache_hits": s.cache_hits, "cache_misses": s.cache_misses,
-        "cache_path": str(s.cache_path) if s.cache_path else None,
-        "wall_seconds": round(s.wall_seconds, 3),
-        "rows_per_second": round(s.rows_this_run / s.wall_seconds, 1) if s.wall_seconds else 0.0,
-        "models": [
-            {"provider": p, "model": m, **{k: v for k, v in dataclasses.asdict(x).items()}}
-            for (p, m), x in s.per_model.items()
-        ],
-    }
-
-
-def format_summary(s: Summary) -> str:
-    u = s.usage
-    rate = s.rows_this_run / s.wall_seconds if s.wall_seconds else 0.0
-    per_k = f" (${u.cost_usd / s.rows_this_run * 1000:.4f} per 1,000 rows)" if s.rows_this_run else ""
-    lines = [
-        f"output   {s.out_dir}",
-        f"rows     {s.rows_total} in dataset: {s.rows_ok} ok, {s.rows_error} error"
-        f"  (this run {s.rows_this_run}, skipped as already done {s.rows_skipped})",
-        f"tokens   {u.prompt_tokens} prompt + {u.completion_tokens} completion",
-        f"cost     ${u.cost_usd:.6f}{per_k}",
-        f"time     {s.wall_seconds:.1f}s, {rate:.1f} rows/s, {u.requests} requests",
-    ]
-    if s.cache_path is not None:
-        lines.append(f"cache    {s.cache_hits} rows answered from the cache (no request, no cost), "
-                     f"{s.cache_misses} not found; {s.cache_path}")
-    for (provider, model), x in s.per_model.items():
-        if not x.requests:
-            continue
-        errors = ", ".join(f"{k} {v}" for k, v in sorted(x.errors.items())) or "none"
-        checked = (f", invalid answers {x.invalid_outputs}, repairs {x.repairs}"
-                   if x.invalid_outputs or x.repairs else "")
-        lines.append(f"  {provider}:{model}: {x.requests} requests, {x.ok} ok, retries {x.retries}, "
-                     f"rate-limited {x.rate_limited}, errors: {errors}{checked}, ${x.cost_usd:.6f}, "
-                     f"p50 {x.latency_p50_ms} ms, p95 {x.latency_p95_ms} ms")
-    return "\n".join(lines)
 
 
 def _stats(args: argparse.Namespace) -> int:

@@ -110,6 +110,7 @@ class Resume:
     old_parts: pa.Array | None  # per input row: the number of the part holding its row (-1: none), when redoing
     skipped: int
     spent: float  # what earlier runs of this output were billed
+    before: int = 0  # rows the output held when the run began (a redone row is one of them)
 
 
 def resume_state(out: Path, report: ScanReport, *, retry_errors: bool, retry_truncated: bool) -> Resume:
@@ -124,7 +125,7 @@ def resume_state(out: Path, report: ScanReport, *, retry_errors: bool, retry_tru
     if (retry_errors or retry_truncated) and len(ledger.ids) and report.ids is not None:
         old_parts = ledger.parts_of(report.ids)
     skipped = int(pc.sum(done_mask).as_py() or 0) if done_mask is not None else 0
-    return Resume(done_mask, old_parts, skipped, previous_cost(out))
+    return Resume(done_mask, old_parts, skipped, previous_cost(out), before=len(ledger.ids))
 
 
 __all__ = ["LOCK_FILE", "Resume", "close_unfinished", "delete_previous", "output_problem", "prepare_output",

@@ -153,10 +153,10 @@ class Pump:
         if sink.backlogged:
             await sink.drain_writer()
         tally.done += 1
+        if replaces < 0:  # a redone row replaces its old result: the dataset has no more rows for it
+            tally.new += 1
         if result.status == "ok":
             tally.ok += 1
-            if result.cost_usd is not None:
-                tally.cost_usd += result.cost_usd
         else:
             tally.errors += 1
 
@@ -173,6 +173,8 @@ class Pump:
             self._warn_breakers()
             held = [f"{t.model} {'paused' if t.limiter.paused else 'at limit'}"
                     for t in self.targets if t.limiter.waiting]
+            # what was billed, as the summary counts it: failed attempts that were charged included
+            self.tally.cost_usd = sum(t.stats.cost_usd for t in self.targets)
             self.progress.update(self.tally, ", ".join(held))
 
     def _check_give_up(self) -> None:
