@@ -19,6 +19,13 @@ def rows(n: int) -> list[dict[str, Any]]:
     return [{"id": f"r{i}", "text": f"row {i}"} for i in range(n)]
 
 
+def found(pattern: str, text: str) -> str:
+    """The first group of ``pattern`` in ``text``; fails the test if it is not there."""
+    match = re.search(pattern, text)
+    assert match is not None, (pattern, text)
+    return match.group(1)
+
+
 def log_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("[batch] ")]
 
@@ -35,15 +42,15 @@ class TestResumedRun:
         assert proc.returncode == 0, proc.stderr
         lines = log_lines(proc.stderr)
         assert len(lines) >= 3
-        done = [int(re.match(r"\[batch\] (\d+)/200 rows", line).group(1)) for line in lines]  # type: ignore[union-attr]
+        done = [int(found(r"^\[batch\] (\d+)/200 rows", line)) for line in lines]
         assert done == sorted(done) and 60 <= done[0] < 200 and done[-1] == 200
-        run_rows = [int(re.search(r"this run: (\d+) rows", line).group(1)) for line in lines]  # type: ignore[union-attr]
+        run_rows = [int(found(r"this run: (\d+) rows", line)) for line in lines]
         assert all(d - r == 60 for d, r in zip(done, run_rows))  # the dataset is what came before plus this run
         out = proc.stdout
         assert "dataset    200 of 200 input rows have a result: 200 ok, 0 error" in out
         assert "this run   140 rows: 140 ok, 0 error; 60 skipped, answered before" in out
-        cost = re.search(r"completion tokens, (\$\d+\.\d{6})", out).group(1)  # type: ignore[union-attr]
-        rate = re.search(r"s, (\d+\.\d) rows/s", out).group(1)  # type: ignore[union-attr]
+        cost = found(r"completion tokens, (\$\d+\.\d{6})", out)
+        rate = found(r"s, (\d+\.\d) rows/s", out)
         assert lines[-1] == f"[batch] 200/200 rows (100.0%) | this run: 140 rows, ok=140 err=0, {cost}, {rate} rows/s"
 
     def test_json_says_the_scopes(self, tmp_path: Path, sim: SimThread) -> None:
