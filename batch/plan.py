@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from batch.answers import schema_instruction
 from batch.errors import InputError, Interrupted
 from batch.job import Job
-from batch.prompts import PromptBuilder
+from batch.prompts import PromptBuilder, Request
 from batch.sources import BadLine, KeysSeen, RowBatch, count_rows, read_batches
 from batch.tokens import HEURISTIC, TokenCounter
 
@@ -117,6 +117,28 @@ class ScanReport:
             return None
         return pc.is_in(self.ids, value_set=skip).combine_chunks()
 
+    def note(self, req: Request) -> None:
+        """Count one row's request: the model it names, or its problem with a few examples."""
+        if req.problem is None:
+            if req.model is not None:
+                self.body_models[req.model] = self.body_models.get(req.model, 0) + 1
+            return
+        kind, message = req.problem
+        if kind == "missing_id":
+            self.missing_ids += 1
+            if len(self.missing_id_examples) < MAX_REPORTED:
+                self.missing_id_examples.append(message)
+            return
+        if kind == "unsupported_request":
+            self.unsupported += 1
+            if len(self.unsupported_examples) < MAX_REPORTED:
+                self.unsupported_examples.append(message)
+            return
+        self.bad_rows += 1
+        self.bad_by_type[kind] = self.bad_by_type.get(kind, 0) + 1
+        if len(self.bad_examples) < MAX_REPORTED:
+            self.bad_examples.append(f"{kind}: {message}")
+
     def blocking(self, on_bad_row: str) -> list[str]:
         """Problems that stop a run before anything is sent (exit 2)."""
         problems = list(self.column_problems)
@@ -168,25 +190,7 @@ def scan(plan: Plan, interrupted: Callable[[], bool] = lambda: False) -> ScanRep
         id_arrays.append(pa.array(ids, pa.string()))
         report.rows += batch.size
         for req in plan.builder.build(batch, ids, None, encode=False):
-            if req.problem is None:
-                if req.model is not None:
-                    report.body_models[req.model] = report.body_models.get(req.model, 0) + 1
-                continue
-            kind, message = req.problem
-            if kind == "missing_id":
-                report.missing_ids += 1
-                if len(report.missing_id_examples) < MAX_REPORTED:
-                    report.missing_id_examples.append(message)
-                continue
-            if kind == "unsupported_request":
-                report.unsupported += 1
-                if len(report.unsupported_examples) < MAX_REPORTED:
-                    report.unsupported_examples.append(message)
-                continue
-            report.bad_rows += 1
-            report.bad_by_type[kind] = report.bad_by_type.get(kind, 0) + 1
-            if len(report.bad_examples) < MAX_REPORTED:
-                report.bad_examples.append(f"{kind}: {message}")
+            report.note(req)
     report.ids = pa.chunked_array(id_arrays, pa.string())
     if keys_seen is not None and keys_seen.unseen and report.rows:
         where = f"keys seen in its {report.rows} rows"
