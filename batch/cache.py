@@ -60,6 +60,14 @@ def default_cache_path() -> Path:
     return Path(base).expanduser() / "batch" / CACHE_FILE
 
 
+def replay_problem(path: Path) -> str | None:
+    """Why ``cache = "replay"`` cannot run with the cache at ``path``, or None."""
+    if path.exists():
+        return None
+    return (f"run.cache = \"replay\": no cache at {path}; record one first with cache = \"read-write\" "
+            "(or --cache read-write), or set run.cache_path")
+
+
 def cache_key(salt: bytes, body: bytes) -> bytes:
     """The key of a request: ``salt`` is the provider's base URL and a NUL byte."""
     return hashlib.blake2b(salt + body, digest_size=20).digest()
@@ -88,9 +96,8 @@ class ResponseCache:
     def _connect(self, *, read_only: bool) -> sqlite3.Connection:
         try:
             if read_only:
-                if not self.path.exists():
-                    raise JobError(f"run.cache = \"replay\": no cache at {self.path}; record one first with "
-                                   f"cache = \"read-write\" (or --cache read-write), or set run.cache_path")
+                if problem := replay_problem(self.path):
+                    raise JobError(problem)
                 conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
             else:
                 _create_private(self.path)

@@ -22,10 +22,11 @@ from batch import __version__
 from batch.cache import default_cache_path
 from batch.cli_sim import add_sim_parser, run_sim
 from batch.cli_status import add_status_parser, run_status
+from batch.cli_validate import add_validate_parser, run_validate
 from batch.errors import BatchError, InputError, Interrupted, JobError, OutputError
 from batch.job import CACHE_MODES, load_job
-from batch.plan import make_plan, scan
-from batch.runner import EXIT_INVALID, EXIT_STOPPED, RunOptions, Summary, run_async
+from batch.runner import EXIT_INVALID, EXIT_STOPPED, RunOptions, run_async
+from batch.summary import format_summary, summary_dict
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,8 +50,7 @@ def _parser() -> argparse.ArgumentParser:
                    "(send nothing; rows not in the cache fail)")
     r.add_argument("--cache-path", type=Path, help="override run.cache_path (the SQLite response cache)")
 
-    v = sub.add_parser("validate", help="check the job file and the whole input; send nothing")
-    v.add_argument("job", type=Path, help="the job file (TOML)")
+    add_validate_parser(sub)
 
     e = sub.add_parser("estimate", help="tokens and cost range of a job, from its input; send nothing")
     e.add_argument("job", type=Path, help="the job file (TOML)")
@@ -118,7 +118,7 @@ def _keep_pandas_out() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _keep_pandas_out()
-    commands = {"run": _run, "validate": _validate, "estimate": _estimate, "stats": _stats, "report": _report,
+    commands = {"run": _run, "validate": run_validate, "estimate": _estimate, "stats": _stats, "report": _report,
                 "compact": _compact, "export": _export, "cache": _cache, "sim": run_sim, "status": run_status}
     try:
         return commands[args.command](args)
@@ -154,98 +154,6 @@ def _run(args: argparse.Namespace) -> int:
     if summary.stop_reason:
         print(f"stopped: {summary.stop_reason}", file=sys.stderr)
     return summary.exit_code
-
-
-def summary_dict(s: Summary) -> dict[str, object]:
-    u = s.usage
-    return {
-        "output": str(s.out_dir), "exit_code": s.exit_code, "stop_reason": s.stop_reason,
-        "rows": s.rows_total, "ok": s.rows_ok, "error": s.rows_error, "rows_this_run": s.rows_this_run,
-        "rows_skipped": s.rows_skipped, "requests": u.requests, "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens, "cost_usd": round(u.cost_usd, 8),
-        "cache_hits": s.cache_hits, "cache_misses": s.cache_misses,
-        "cache_path": str(s.cache_path) if s.cache_path else None,
-        "wall_seconds": round(s.wall_seconds, 3),
-        "rows_per_second": round(s.rows_this_run / s.wall_seconds, 1) if s.wall_seconds else 0.0,
-        "models": [
-            {"provider": p, "model": m, **{k: v for k, v in dataclasses.asdict(x).items()}}
-            for (p, m), x in s.per_model.items()
-        ],
-    }
-
-
-def format_summary(s: Summary) -> str:
-    u = s.usage
-    rate = s.rows_this_run / s.wall_seconds if s.wall_seconds else 0.0
-    per_k = f" (${u.cost_usd / s.rows_this_run * 1000:.4f} per 1,000 rows)" if s.rows_this_run else ""
-    lines = [
-        f"output   {s.out_dir}",
-        f"rows     {s.rows_total} in dataset: {s.rows_ok} ok, {s.rows_error} error"
-        f"  (this run {s.rows_this_run}, skipped as already done {s.rows_skipped})",
-        f"tokens   {u.prompt_tokens} prompt + {u.completion_tokens} completion",
-        f"cost     ${u.cost_usd:.6f}{per_k}",
-        f"time     {s.wall_seconds:.1f}s, {rate:.1f} rows/s, {u.requests} requests",
-    ]
-    if s.cache_path is not None:
-        lines.append(f"cache    {s.cache_hits} rows answered from the cache (no request, no cost), "
-                     f"{s.cache_misses} not found; {s.cache_path}")
-    for (provider, model), x in s.per_model.items():
-        if not x.requests:
-            continue
-        errors = ", ".join(f"{k} {v}" for k, v in sorted(x.errors.items())) or "none"
-        checked = (f", invalid answers {x.invalid_outputs}, repairs {x.repairs}"
-                   if x.invalid_outputs or x.repairs else "")
-        lines.append(f"  {provider}:{model}: {x.requests} requests, {x.ok} ok, retries {x.retries}, "
-                     f"rate-limited {x.rate_limited}, errors: {errors}{checked}, ${x.cost_usd:.6f}, "
-                     f"p50 {x.latency_p50_ms} ms, p95 {x.latency_p95_ms} ms")
-    return "\n".join(lines)
-
-
-def _validate(args: argparse.Namespace) -> int:
-    from batch.estimate import estimate
-
-    job = load_job(args.job)
-    plan = make_plan(job)
-    report = scan(plan)
-    est = estimate(job, live_prices=False)  # validate only needs the context windows: no network
-    print(f"{args.job}: job file ok; {report.rows} rows in {job.input.path}")
-    blocking = report.blocking(job.run.on_bad_row)
-    if (fmt := job.output_format) is not None:
-        what = {"labels": f"one of {len(fmt.labels)} labels", "regex": f"matching /{fmt.regex}/",
-                "json_schema": "JSON that follows the schema"}[fmt.kind]
-        print(f"  answers must be {what}; up to {fmt.max_repairs} repairs per model, then fallback, "
-              "then invalid_output")
-    if job.run.cache != "off":
-        path = job.run.cache_path or default_cache_path()
-        state = f"{path.stat().st_size:,} bytes" if path.exists() else "no file yet"
-        print(f"  response cache {job.run.cache} at {path} ({state})")
-        if job.run.cache == "replay" and not path.exists():
-            blocking.append(f"run.cache = \"replay\" but there is no cache at {path}; record one first with "
-                            "--cache read-write")
-    for problem in blocking:
-        print(f"  blocking: {problem}")
-    if report.bad_rows:
-        kinds = ", ".join(f"{k} {v}" for k, v in sorted(report.bad_by_type.items()))
-        fate = {"error": "they will be error rows", "skip": "they will be left out",
-                "fail": "the run will not start"}[job.run.on_bad_row]
-        print(f"  {report.bad_rows} rows cannot be sent ({kinds}); run.on_bad_row = {job.run.on_bad_row!r}: {fate}")
-        for example in report.bad_examples:
-            print(f"    {example}")
-    if report.body_models:
-        named = ", ".join(f"{m} ({n} lines)" for m, n in sorted(report.body_models.items()))
-        print(f"  lines name their own model: {named}; each starts there, then falls back along [[models]] "
-              "(input.body_model = \"keep\")")
-    if report.bad_lines and job.run.on_bad_row == "skip":
-        print(f"  {report.bad_lines} malformed lines will be left out, e.g. {report.bad_line_examples[0]}")
-    smallest = min((m for m in est.models if m.context_window), key=lambda m: m.context_window or 0, default=None)
-    if smallest is not None and smallest.rows_over_context:
-        after = [m for m in est.models if m.context_window and m.context_window > (smallest.context_window or 0)]
-        fate = (f"they fall back to {after[0].model}" if after else
-                "no model has a larger window: they will be error rows with error_type context_length")
-        print(f"  {smallest.rows_over_context} rows exceed the {smallest.context_window}-token window of "
-              f"{smallest.model} (prompt estimate + max_tokens); {fate}")
-    print("  blocked: fix the problems above; nothing can be sent" if blocking else "  ready to run")
-    return EXIT_INVALID if blocking else 0
 
 
 def _stats(args: argparse.Namespace) -> int:

@@ -21,9 +21,10 @@ from typing import Any, get_args, get_type_hints
 import orjson
 
 from batch.answers import NORMALIZERS, make_checker, schema_problems
-from batch.catalog import BUILTIN_PROVIDERS, SIM_FAULTS, prices_for
+from batch.catalog import BUILTIN_PROVIDERS, SIM_BASE_URL, SIM_FAULTS, prices_for
 from batch.checks import Problems, check_keys, choice, get, table
 from batch.errors import JobError
+from batch.params import provider_warnings, request_body, request_problems
 from batch.sim_config import SimConfig
 from batch.sim_knobs import knobs, options_from_table
 from batch.lane_plan import parse_deadline
@@ -337,6 +338,7 @@ def _check_prices(models: tuple[ModelSpec, ...], run: RunSpec, p: Problems) -> N
                   "or run.check_models = true to read live prices from the provider's model list")
 
 
+OPENAI_BASE_URL = "https://api.openai.com"
 _TOP_KEYS = ("input", "output", "request", "models", "providers", "run", "sim", "output_format")
 
 
@@ -347,10 +349,10 @@ def parse_job(data: Mapping[str, Any], source: Path) -> Job:
     base = source.parent
     inp = _input(table(data, "input", p), base, p)
     out = _output(table(data, "output", p), base, p)
-    request = table(data, "request", p)
-    for reserved in ("model", "messages", "stream"):
-        if reserved in request:
-            p.add(f"request.{reserved}", "set by batch; choose models in [[models]] and prompts in [input]")
+    raw_request = table(data, "request", p)
+    for key, problem in request_problems(raw_request):
+        p.add(f"request.{key}", problem)
+    request = request_body(raw_request)
     models = _models(data, p)
     providers = _providers(data, models, p)
     run = _run(table(data, "run", p), base, p)
@@ -364,7 +366,20 @@ def parse_job(data: Mapping[str, Any], source: Path) -> Job:
     p.raise_if_any()
     assert inp is not None and out is not None
     return Job(source=source, input=inp, output=out, request=request, models=models,
-               providers=providers, run=run, sim=sim, output_format=output_format)
+               providers=providers, run=run, sim=sim, output_format=output_format,
+               warnings=_warnings(data, raw_request, models, providers))
+
+
+def _warnings(data: Mapping[str, Any], request: Mapping[str, Any], models: tuple[ModelSpec, ...],
+              providers: Mapping[str, ProviderSpec]) -> tuple[str, ...]:
+    """What is valid but probably not meant: shown by validate and at the start of a run."""
+    urls = {m.label: providers[m.provider].base_url for m in models}
+    to_openai = [label for label, url in urls.items() if url.startswith(OPENAI_BASE_URL)]
+    found = provider_warnings(request, to_openai)
+    if data.get("sim") and SIM_BASE_URL not in urls.values():
+        found.append("[sim] is ignored: no model of this job uses provider \"sim\" (the embedded simulator). "
+                     "A simulator started with `batch sim` takes these settings as flags")
+    return tuple(found)
 
 
 def load_job(path: str | Path) -> Job:

@@ -280,7 +280,6 @@ class LaneManager:
         self.sink.add(result, req.replaces)
         self.tally.done += 1
         self.tally.ok += 1
-        self.tally.cost_usd += cost or 0.0
 
     # --- giving rows back ----------------------------------------------------------------------------------------
 

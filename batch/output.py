@@ -59,23 +59,32 @@ def _listing(directory: Path) -> list[Path]:
     return list(directory.iterdir()) if directory.is_dir() else []
 
 
+def output_problem(job: Job, *, force: bool) -> str | None:
+    """Why this job may not add to its output directory as it is (without ``--fresh``), or None."""
+    out = job.output.path
+    manifest = read_manifest(out)
+    if manifest is None:
+        if part_files(out / RESULTS_DIR) and not force:
+            return f"{out}: holds results but no manifest.json; use --force to add to them or --fresh to start over"
+        return None
+    changes = describe_changes(manifest.get("fingerprint", {}), fingerprint(job))
+    if changes and not force:
+        return (f"{out}: holds answers to a different job; changed since: " + "; ".join(changes)
+                + ". Rerun with --force to mix them anyway, --fresh to start over, or use another output.path")
+    return None
+
+
 def prepare_output(job: Job, *, fresh: bool, force: bool) -> dict[str, Any]:
     """Check the output directory against this job; returns the manifest to continue."""
     out = job.output.path
     if fresh:
         delete_previous(out)
-    fp = fingerprint(job)
+    if problem := output_problem(job, force=force):
+        raise OutputError(problem)
     manifest = read_manifest(out)
+    fp = fingerprint(job)
     if manifest is None:
-        if part_files(out / RESULTS_DIR) and not force:
-            raise OutputError(f"{out}: holds results but no manifest.json; use --force to add to them "
-                              f"or --fresh to start over")
         return {"fingerprint": fp, "runs": []}
-    changes = describe_changes(manifest.get("fingerprint", {}), fp)
-    if changes and not force:
-        raise OutputError(f"{out}: holds answers to a different job; changed since: " + "; ".join(changes)
-                          + ". Rerun with --force to mix them anyway, --fresh to start over, or use another "
-                          "output.path")
     manifest["fingerprint"] = fp
     return manifest
 
@@ -101,6 +110,7 @@ class Resume:
     old_parts: pa.Array | None  # per input row: the number of the part holding its row (-1: none), when redoing
     skipped: int
     spent: float  # what earlier runs of this output were billed
+    before: int = 0  # rows the output held when the run began (a redone row is one of them)
 
 
 def resume_state(out: Path, report: ScanReport, *, retry_errors: bool, retry_truncated: bool) -> Resume:
@@ -115,7 +125,8 @@ def resume_state(out: Path, report: ScanReport, *, retry_errors: bool, retry_tru
     if (retry_errors or retry_truncated) and len(ledger.ids) and report.ids is not None:
         old_parts = ledger.parts_of(report.ids)
     skipped = int(pc.sum(done_mask).as_py() or 0) if done_mask is not None else 0
-    return Resume(done_mask, old_parts, skipped, previous_cost(out))
+    return Resume(done_mask, old_parts, skipped, previous_cost(out), before=len(ledger.ids))
 
 
-__all__ = ["LOCK_FILE", "Resume", "close_unfinished", "delete_previous", "prepare_output", "resume_state"]
+__all__ = ["LOCK_FILE", "Resume", "close_unfinished", "delete_previous", "output_problem", "prepare_output",
+           "resume_state"]

@@ -9,6 +9,7 @@ arrays (about 10 bytes per id), not as a Python set.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,8 +23,8 @@ import pyarrow.parquet as pq
 from batch.answers import schema_instruction
 from batch.errors import InputError, Interrupted
 from batch.job import Job
-from batch.prompts import PromptBuilder
-from batch.sources import BadLine, RowBatch, count_rows, read_batches
+from batch.prompts import PromptBuilder, Request
+from batch.sources import BadLine, KeysSeen, RowBatch, count_rows, read_batches
 from batch.tokens import HEURISTIC, TokenCounter
 
 MAX_REPORTED = 5
@@ -37,8 +38,21 @@ class Plan:
     keep_types: list[tuple[str, pa.DataType]]
     total_rows: int | None
 
-    def batches(self, on_bad_line: BadLine | None = None) -> Iterator[RowBatch]:
-        return read_batches(self.job.input.path, self.job.input.format, self.builder.columns, on_bad_line)
+    def batches(self, on_bad_line: BadLine | None = None, keys_seen: KeysSeen | None = None
+                ) -> Iterator[RowBatch]:
+        return read_batches(self.job.input.path, self.job.input.format, self.builder.columns, on_bad_line,
+                            keys_seen)
+
+    @property
+    def prompt_fields(self) -> dict[str, str]:
+        """The columns a prompt is made of, each with the job key that names it: without one, no row can
+        be sent."""
+        inp = self.job.input
+        fields = {name: f"input.template field {{{name}}}" for name in
+                  (self.builder.template.fields if self.builder.template else ())}
+        if inp.messages_column and inp.format != "openai-batch":
+            fields[inp.messages_column] = "input.messages_column"
+        return fields
 
     @property
     def max_tokens(self) -> int:
@@ -103,10 +117,32 @@ class ScanReport:
             return None
         return pc.is_in(self.ids, value_set=skip).combine_chunks()
 
+    def note(self, req: Request) -> None:
+        """Count one row's request: the model it names, or its problem with a few examples."""
+        if req.problem is None:
+            if req.model is not None:
+                self.body_models[req.model] = self.body_models.get(req.model, 0) + 1
+            return
+        kind, message = req.problem
+        if kind == "missing_id":
+            self.missing_ids += 1
+            if len(self.missing_id_examples) < MAX_REPORTED:
+                self.missing_id_examples.append(message)
+            return
+        if kind == "unsupported_request":
+            self.unsupported += 1
+            if len(self.unsupported_examples) < MAX_REPORTED:
+                self.unsupported_examples.append(message)
+            return
+        self.bad_rows += 1
+        self.bad_by_type[kind] = self.bad_by_type.get(kind, 0) + 1
+        if len(self.bad_examples) < MAX_REPORTED:
+            self.bad_examples.append(f"{kind}: {message}")
+
     def blocking(self, on_bad_row: str) -> list[str]:
         """Problems that stop a run before anything is sent (exit 2)."""
         problems = list(self.column_problems)
-        if self.rows == 0 and not self.bad_lines:
+        if self.rows == 0 and not self.bad_lines and not self.column_problems:  # else not read at all
             problems.append("the input has no rows")
         if self.duplicates:
             problems.append("ids must be unique; repeated: " + "; ".join(self.duplicates))
@@ -144,7 +180,9 @@ def scan(plan: Plan, interrupted: Callable[[], bool] = lambda: False) -> ScanRep
     if report.column_problems:
         return report
     id_arrays: list[pa.Array] = []
-    for batch in plan.batches(on_bad_line=bad_line):
+    fields = plan.prompt_fields
+    keys_seen = KeysSeen(list(fields)) if fields and plan.job.input.format == "jsonl" else None
+    for batch in plan.batches(on_bad_line=bad_line, keys_seen=keys_seen):
         if interrupted():
             raise Interrupted("interrupted while checking the input; nothing was sent. Rerun the same command "
                               "to start")
@@ -152,33 +190,19 @@ def scan(plan: Plan, interrupted: Callable[[], bool] = lambda: False) -> ScanRep
         id_arrays.append(pa.array(ids, pa.string()))
         report.rows += batch.size
         for req in plan.builder.build(batch, ids, None, encode=False):
-            if req.problem is None:
-                if req.model is not None:
-                    report.body_models[req.model] = report.body_models.get(req.model, 0) + 1
-                continue
-            kind, message = req.problem
-            if kind == "missing_id":
-                report.missing_ids += 1
-                if len(report.missing_id_examples) < MAX_REPORTED:
-                    report.missing_id_examples.append(message)
-                continue
-            if kind == "unsupported_request":
-                report.unsupported += 1
-                if len(report.unsupported_examples) < MAX_REPORTED:
-                    report.unsupported_examples.append(message)
-                continue
-            report.bad_rows += 1
-            report.bad_by_type[kind] = report.bad_by_type.get(kind, 0) + 1
-            if len(report.bad_examples) < MAX_REPORTED:
-                report.bad_examples.append(f"{kind}: {message}")
+            report.note(req)
     report.ids = pa.chunked_array(id_arrays, pa.string())
+    if keys_seen is not None and keys_seen.unseen and report.rows:
+        where = f"keys seen in its {report.rows} rows"
+        report.column_problems = [absent_column(fields[f], f, list(keys_seen.keys), where)
+                                  for f in fields if f in keys_seen.unseen]
     if id_arrays:
         report.duplicates = _duplicates(report.ids, plan)
     return report
 
 
 def _column_problems(plan: Plan) -> list[str]:
-    """Parquet columns whose type cannot serve their role, found from the schema alone."""
+    """Parquet columns that are missing or whose type cannot serve their role, found from the schema alone."""
     inp = plan.job.input
     if inp.format != "parquet" or not inp.path.exists():
         return []
@@ -186,7 +210,12 @@ def _column_problems(plan: Plan) -> list[str]:
         schema = pq.read_schema(inp.path)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{inp.path}: not a readable Parquet file: {exc}") from None
-    problems = []
+    needed = {c: "input.keep_columns" for c in inp.keep_columns}
+    if inp.id_column:
+        needed[inp.id_column] = "input.id_column"
+    needed.update(plan.prompt_fields)  # a column of several roles is named by the one that stops every row
+    problems = [absent_column(role, name, schema.names, "its columns") for name, role in needed.items()
+                if name not in schema.names]
     fields = plan.builder.template.fields if plan.builder.template else ()
     for name in fields:
         if name in schema.names and pa.types.is_nested(schema.field(name).type):
@@ -202,6 +231,13 @@ def _column_problems(plan: Plan) -> list[str]:
         problems.append(f"column {inp.id_column!r} has type {schema.field(inp.id_column).type}; ids must be "
                         "text or numbers")
     return problems
+
+
+def absent_column(role: str, name: str, columns: list[str], where: str) -> str:
+    """A column the job names and the input does not have: a job error, with the closest column there is."""
+    close = difflib.get_close_matches(name, columns, n=1) or [c for c in columns if c.casefold() == name.casefold()]
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{role}: no column {name!r} in the input{hint} ({where}: {', '.join(columns) or 'none'})"
 
 
 def _duplicates(ids: pa.ChunkedArray, plan: Plan) -> list[str]:

@@ -45,6 +45,14 @@ class Endpoint:
     secret: str | None = field(default=None, repr=False)  # the key, only to scrub it from what providers say
 
 
+def missing_key(provider: str, api_key_env: str | None) -> str | None:
+    """Why a provider cannot be sent to for want of its key, or None (it has one, or needs none)."""
+    if not api_key_env or os.environ.get(api_key_env, "").strip():
+        return None
+    return (f"provider {provider!r}: environment variable {api_key_env} is not set; export your API key there "
+            "(keys are never read from the job file)")
+
+
 def make_endpoint(name: str, base_url: str, api_key_env: str | None, extra: Mapping[str, str], *,
                   require_key: bool = True) -> Endpoint:
     """Read the key from the environment now, once; raise JobError if it is missing.
@@ -54,9 +62,8 @@ def make_endpoint(name: str, base_url: str, api_key_env: str | None, extra: Mapp
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **extra}
     if api_key_env:
         key = os.environ.get(api_key_env, "").strip()
-        if not key and require_key:
-            raise JobError(f"provider {name!r}: environment variable {api_key_env} is not set; "
-                           f"export your API key there (keys are never read from the job file)")
+        if require_key and (problem := missing_key(name, api_key_env)):
+            raise JobError(problem)
         if key:
             headers["Authorization"] = f"Bearer {key}"
     return Endpoint(name=name, url=base_url.rstrip("/") + "/chat/completions", headers=headers,

@@ -163,10 +163,10 @@ class Pump:
         if sink.backlogged:
             await sink.drain_writer()
         tally.done += 1
+        if replaces < 0:  # a redone row replaces its old result: the dataset has no more rows for it
+            tally.new += 1
         if result.status == "ok":
             tally.ok += 1
-            if result.cost_usd is not None:
-                tally.cost_usd += result.cost_usd
         else:
             tally.errors += 1
 
@@ -185,6 +185,9 @@ class Pump:
                     for t in self.targets if t.limiter.waiting]
             if self.lanes is not None and (flight := self.lanes.in_flight()):
                 held.append(flight)
+            # what was billed, as the summary counts it: failed attempts that were charged included
+            self.tally.cost_usd = sum(t.stats.cost_usd for t in self.targets) + \
+                (self.lanes.stats.cost_usd if self.lanes is not None else 0.0)
             self.progress.update(self.tally, ", ".join(held))
 
     def _check_give_up(self) -> None:

@@ -3,7 +3,7 @@
 ::
 
     lock the output (one writer per directory)
-    plan.scan (blocking checks, nothing sent)
+    preflight: keys, cache; plan.scan: the input (blocking checks, nothing sent; see batch/preflight.py)
     output: --fresh, fingerprint, runs that never ended, what is done
     pump: read_batches -> PromptBuilder.build -> Queue -> workers: Router.route -> Sink
     end: drain sink, stats.parquet, manifest, summary
@@ -36,17 +36,18 @@ from batch.job import Job
 from batch.lock import OutputLock
 from batch.output import Resume, close_unfinished, prepare_output, resume_state
 from batch.plan import Plan, ScanReport, make_plan, scan
-from batch.progress import Progress, Tally
-from batch.provider import make_endpoint, open_session
+from batch.progress import Frame, Progress, Tally
+from batch.preflight import check_setup
+from batch.provider import open_session
 from batch.pump import Pump, Stop
 from batch.router import Policy, Router, Target
 from batch.sim import SimConfig, Simulator
 from batch.sinks import Sink, result_schema
 from batch.spend import SpendJournal
 from batch.stats import Usage, append_stats, stats_rows
-from batch.store import Ledger, write_manifest
 from batch.lanes import start_lanes
 from batch.stats import ModelStats
+from batch.store import Ledger, error_rows, write_manifest
 from batch.targets import build_targets, check_models
 
 GRACE_SECONDS = 30.0
@@ -71,13 +72,18 @@ class Summary:
     out_dir: Path
     exit_code: int = EXIT_OK
     stop_reason: str | None = None
+    # the dataset: the output after this run, counting what earlier runs wrote
     rows_total: int = 0  # result rows in the dataset after this run
     rows_ok: int = 0
     rows_error: int = 0
-    rows_this_run: int = 0
-    rows_skipped: int = 0  # already answered by an earlier run
     rows_input: int = 0  # rows of the input that should get a result (bad rows left out with on_bad_row = "skip")
     rows_left: int = 0  # input rows without a result after this run: exit 3, rerun to continue
+    error_rows: dict[str, tuple[int, str]] = field(default_factory=dict)  # error_type -> (rows, one message)
+    # this run
+    rows_this_run: int = 0  # rows finished by this run, ok or error
+    rows_this_run_ok: int = 0
+    rows_this_run_error: int = 0
+    rows_skipped: int = 0  # already answered by an earlier run
     cache_hits: int = 0  # rows of this run answered from the response cache
     cache_misses: int = 0  # rows looked up and not found (then sent, or in replay mode failed)
     cache_path: Path | None = None
@@ -86,7 +92,14 @@ class Summary:
 
     @property
     def usage(self) -> Usage:
+        """This run's requests, tokens and cost, all models together."""
         return sum(self.per_model.values(), Usage())
+
+    def frame(self) -> Frame:
+        """The last progress frame: the summary's own figures, so the screen ends on what the summary says."""
+        return Frame(rows=self.rows_total, total=self.rows_input, run_rows=self.rows_this_run,
+                     run_ok=self.rows_this_run_ok, run_errors=self.rows_this_run_error,
+                     cost_usd=self.usage.cost_usd, seconds=self.wall_seconds)
 
 
 @contextlib.asynccontextmanager
@@ -98,13 +111,6 @@ async def _maybe_sim(job: Job) -> AsyncIterator[str | None]:
         yield None
 
 
-def _check_keys(job: Job) -> None:
-    """A missing key is an invalid job: say so before reading anything."""
-    for m in job.models:
-        spec = job.provider_of(m)
-        make_endpoint(spec.name, spec.base_url, spec.api_key_env, spec.headers, require_key=job.run.cache != "replay")
-
-
 async def run_async(job: Job, options: RunOptions | None = None, **overrides: Any) -> Summary:
     """Run a job to completion or to a stop; never raises for row-level failures.
 
@@ -112,7 +118,7 @@ async def run_async(job: Job, options: RunOptions | None = None, **overrides: An
     """
     options = _options(options, overrides)
     started = time.monotonic()
-    _check_keys(job)
+    check_setup(job)  # a missing key is said before a long scan (batch/preflight.py lists every check)
     with OutputLock(job.output.path):
         return await _run_locked(job, options, started)
 
@@ -149,7 +155,7 @@ async def _run_locked(job: Job, options: RunOptions, started: float) -> Summary:
         raise InputError(f"{job.input.path}: nothing was sent:\n  " + "\n  ".join(blocking))
     out = job.output.path
     summary = Summary(out_dir=out)
-    cache = None
+    cache, progress, finished = None, None, False
     if job.run.cache != "off":  # opened before anything is written: a replay without a cache is exit 2
         summary.cache_path = job.run.cache_path or default_cache_path()
         cache = ResponseCache(summary.cache_path, job.run.cache)
@@ -159,24 +165,31 @@ async def _run_locked(job: Job, options: RunOptions, started: float) -> Summary:
         resume = resume_state(out, report, retry_errors=options.retry_errors,
                               retry_truncated=options.retry_truncated)
         summary.rows_skipped = resume.skipped
+        summary.rows_input = report.rows - (report.bad_rows + report.missing_ids
+                                            if job.run.on_bad_row == "skip" else 0)
         if "batch" not in job.run.lanes:
             report.ids = None  # not needed any more: free them before sending (the batch lane needs them)
-        await _run_output(job, plan, report, resume, options, cache, manifest, summary)
+        progress = Progress(summary.rows_input, quiet=options.quiet, done_before=resume.before)
+        await _run_output(job, plan, report, resume, options, cache, manifest, summary, progress)
+        finished = True
     finally:
         if cache is not None:
             cache.close()
             summary.cache_hits, summary.cache_misses = cache.hits, cache.misses
-    summary.wall_seconds = time.monotonic() - started
+        summary.wall_seconds = time.monotonic() - started
+        if progress is not None:
+            progress.close(summary.frame() if finished else None)
     return summary
 
 
 async def _run_output(job: Job, plan: Plan, report: ScanReport, resume: Resume, options: RunOptions,
-                      cache: ResponseCache | None, manifest: dict[str, Any], summary: Summary) -> None:
+                      cache: ResponseCache | None, manifest: dict[str, Any], summary: Summary,
+                      progress: Progress) -> None:
     """Record the run in the manifest, send, and finish the output (stats, manifest, exit code)."""
     out = job.output.path
     limit = options.limit if options.limit is not None else job.run.limit
-    to_do = report.rows - resume.skipped if limit is None else min(report.rows - resume.skipped, limit)
-    progress = Progress(to_do, quiet=options.quiet)
+    for warning in job.warnings:
+        progress.message(f"warning: {warning}")
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     entry: dict[str, object] = {"run_id": run_id, "started": _now(), "ended": None, "outcome": "running",
                                 "limits": {m.label: {"requests_per_minute": m.requests_per_minute,
@@ -204,25 +217,31 @@ async def _run_output(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
     if cache is not None and cache.error is not None:
         progress.message(f"warning: {cache.error}; the results are complete, but later runs will "
                          "send these requests again")
-    # keyed by the model's label: the same model may be in the chain twice, at two service tiers
+    # keyed by the model's label: the same model may be in the chain twice, at two service tiers or lanes
     wall = time.monotonic() - progress.started
     summary.per_model = {(s.label.split(":", 1)[0], s.label.split(":", 1)[1]): s.freeze(wall)
                          for s in [*(t.stats for t in targets), *lane_stats]}
-    summary.rows_this_run = tally.done
+    _tally_up(out, summary, tally, stop.reason, limit)
+    _finish_output(out, run_id, manifest, entry, summary, tally, journal)
+
+
+def _tally_up(out: Path, summary: Summary, tally: Tally, stopped: str | None, limit: int | None) -> None:
+    """The summary's rows, from this run's tally and the output as it now is; the exit code."""
+    summary.rows_this_run, summary.rows_this_run_ok, summary.rows_this_run_error = tally.done, tally.ok, tally.errors
     final = Ledger.read(out)
     summary.rows_ok, summary.rows_error = final.ok, final.errors
     summary.rows_total = summary.rows_ok + summary.rows_error
-    summary.stop_reason = stop.reason
-    expected = report.rows - (report.bad_rows + report.missing_ids if job.run.on_bad_row == "skip" else 0)
-    summary.rows_input, summary.rows_left = expected, max(0, expected - summary.rows_total)
-    if stop.reason is not None or summary.rows_left:
+    summary.rows_left = max(0, summary.rows_input - summary.rows_total)
+    if summary.rows_error:  # "why did 20 rows fail" is answered by the summary, not by pandas
+        summary.error_rows = error_rows(out)
+    summary.stop_reason = stopped
+    if stopped is not None or summary.rows_left:
         summary.exit_code = EXIT_STOPPED  # a script that reruns until exit 0 must not stop at --limit
-        left = f"{summary.rows_left} of {expected} input rows have no result yet"
-        summary.stop_reason = stop.reason or (f"{left} (--limit {limit}); rerun to continue" if limit is not None
-                                              else f"{left}; rerun to resume")
+        left = f"{summary.rows_left} of {summary.rows_input} input rows have no result yet"
+        summary.stop_reason = stopped or (f"{left} (--limit {limit}); rerun to continue" if limit is not None
+                                          else f"{left}; rerun to resume")
     elif summary.rows_error:
         summary.exit_code = EXIT_ERRORS
-    _finish_output(out, run_id, manifest, entry, summary, tally, journal)
 
 
 async def _send_all(job: Job, plan: Plan, report: ScanReport, resume: Resume, limit: int | None,
@@ -263,7 +282,6 @@ async def _send_all(job: Job, plan: Plan, report: ScanReport, resume: Resume, li
             await sink.drain()
             if sink.error is not None:
                 stop.request(str(sink.error))
-        progress.close(tally)
     return targets, [lanes.stats] if lanes is not None else []
 
 

@@ -79,20 +79,38 @@ def count_rows(path: Path, fmt: str) -> int | None:
 BadLine = Callable[[int, str], None]
 
 
-def read_batches(path: Path, fmt: str, columns: Sequence[str], on_bad_line: BadLine | None = None
-                 ) -> Iterator[RowBatch]:
+class KeysSeen:
+    """JSONL: which ``wanted`` fields no line has had yet, and the keys lines did have.
+
+    A field that no line has is not a bad row but a job error (a template naming
+    a column the input does not have); the keys that do occur are what the
+    message offers instead. Lines are looked at only until every wanted field
+    has been seen, so on a good input this costs one check per line.
+    """
+
+    def __init__(self, wanted: Sequence[str]) -> None:
+        self.unseen = set(wanted)
+        self.keys: dict[str, None] = {}  # in the order first seen
+
+    def see(self, obj: dict[str, Any]) -> None:
+        self.keys.update(dict.fromkeys(obj))
+        self.unseen.difference_update(obj)
+
+
+def read_batches(path: Path, fmt: str, columns: Sequence[str], on_bad_line: BadLine | None = None,
+                 keys_seen: KeysSeen | None = None) -> Iterator[RowBatch]:
     """Yield the needed ``columns`` of every row of ``path`` in batches.
 
     A JSONL line that is not a JSON object raises InputError naming file:line,
     unless ``on_bad_line(lineno, message)`` is given: then it is reported there
-    and skipped.
+    and skipped. ``keys_seen`` (JSONL) is shown each line until it has seen its fields.
     """
     if not path.exists():
         raise InputError(f"{path}: input file not found")
     if fmt == "parquet":
         yield from _read_parquet(path, columns)
     else:
-        yield from _read_jsonl(path, columns, on_bad_line)
+        yield from _read_jsonl(path, columns, on_bad_line, keys_seen)
 
 
 def _open_text(path: Path) -> IO[bytes]:
@@ -101,7 +119,8 @@ def _open_text(path: Path) -> IO[bytes]:
     return open(path, "rb")
 
 
-def _read_jsonl(path: Path, columns: Sequence[str], on_bad_line: BadLine | None) -> Iterator[RowBatch]:
+def _read_jsonl(path: Path, columns: Sequence[str], on_bad_line: BadLine | None,
+                keys_seen: KeysSeen | None = None) -> Iterator[RowBatch]:
     start = 0
     lineno = 0
     cols: dict[str, list[Any]] = {c: [] for c in columns}
@@ -126,6 +145,8 @@ def _read_jsonl(path: Path, columns: Sequence[str], on_bad_line: BadLine | None)
                         raise InputError(message)
                     on_bad_line(lineno, message)
                     continue
+                if keys_seen is not None and keys_seen.unseen:
+                    keys_seen.see(obj)
                 for c in columns:
                     cols[c].append(obj.get(c, MISSING))
                 lines.append(lineno)

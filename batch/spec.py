@@ -132,6 +132,7 @@ class Job:
     run: RunSpec
     sim: SimSpec
     output_format: OutputFormatSpec | None = None
+    warnings: tuple[str, ...] = ()  # valid but probably not meant (validate and run show them)
 
     def provider_of(self, model: ModelSpec) -> ProviderSpec:
         return self.providers[model.provider]

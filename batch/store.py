@@ -64,6 +64,19 @@ def read_parts(paths: list[Path], columns: list[str] | None = None) -> list[tupl
     return tables
 
 
+def error_rows(out_dir: Path) -> dict[str, tuple[int, str]]:
+    """The output's error rows by error_type: (how many, the first one's message). Reads only error rows'
+    columns' worth of Python objects, part by part: called at the end of a run that has error rows."""
+    found: dict[str, tuple[int, str]] = {}
+    for _, t in read_parts(part_files(out_dir / RESULTS_DIR), ["status", "error_type", "error_message"]):
+        errors = t.filter(pc.equal(t["status"], "error"))
+        for kind, message in zip(errors["error_type"].to_pylist(), errors["error_message"].to_pylist()):
+            key = kind or "unknown"
+            count, example = found.get(key, (0, message or ""))
+            found[key] = (count + 1, example)
+    return dict(sorted(found.items(), key=lambda item: -item[1][0]))
+
+
 class Ledger:
     """What the output already holds, one entry per id, with the part that holds it."""
 

@@ -131,7 +131,7 @@ class TestReplay:
         assert sim.counters.requests == 0
         assert not (tmp_path / "job").exists()
         checked = run_cli("validate", str(job))
-        assert checked.returncode == 2 and "blocking: run.cache = \"replay\" but there is no cache" in checked.stdout
+        assert checked.returncode == 2 and "blocking: run.cache = \"replay\": no cache at" in checked.stdout
 
 
 def test_cache_info_and_prune(tmp_path: Path, sim: SimThread) -> None:
