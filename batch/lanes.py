@@ -36,7 +36,7 @@ from batch.batch_api import BatchClient, batch_failure, client_for
 from batch.batch_records import BatchRecord, BatchRecords
 from batch.batch_wire import BatchInfo, SubmitUnknownError
 from batch.catalog import FLEX_PRICE_FACTOR
-from batch.errors import FallbackError, ProviderError
+from batch.errors import ProviderError
 from batch.lane_plan import Outstanding, may_submit, parse_deadline, to_pull_back
 from batch.plan import Plan, ScanReport
 from batch.progress import Progress, Tally

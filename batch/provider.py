@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,11 +23,8 @@ import orjson
 from batch.failures import RateInfo, classify, rate_info
 from batch.errors import (
     FallbackError,
-    FatalError,
     JobError,
     ProviderError,
-    RateLimited,
-    RejectedError,
     TransientError,
 )
 

@@ -222,8 +222,8 @@ class SyntheticOutput:
         return self.out
 
     def _results_schema(self) -> pa.Schema:
-        schema = result_schema([])
-        return schema.append(pa.field("lane", pa.string())) if self.lane_column else schema
+        schema = result_schema([])  # has a lane column, as outputs of batch 0.2 on do
+        return schema if self.lane_column else schema.remove(schema.get_field_index("lane"))
 
 
 CHAIN = [("openrouter", "openai/gpt-4o-mini"), ("openrouter", "mistralai/mistral-small")]

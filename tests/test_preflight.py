@@ -134,5 +134,5 @@ class TestSimTable:
         assert checked.returncode == 0 and "warning: [sim] is ignored" in checked.stdout
         assert ran.returncode == 0 and "warning: [sim] is ignored" in ran.stderr
         used = write_job(tmp_path, input_path=tmp_path / "in.jsonl", name="used.toml",
-                         models=[{"provider": "sim", "model": "openai/gpt-3.5-turbo"}], sim={"latency_ms": 5})
+                         models=[{"provider": "sim", "model": "openai/gpt-4.1-mini"}], sim={"latency_ms": 5})
         assert "warning" not in run_cli("validate", str(used)).stdout  # provider "sim" uses the table

@@ -69,7 +69,7 @@ class TestResumedRun:
 class TestFailures:
     def test_error_rows_by_type_with_one_message_each(self, tmp_path: Path, sim_factory: Factory) -> None:
         """Error rows are listed by error_type with a count and one message, in the text and in --json."""
-        sim = sim_factory(context_windows={"openai/gpt-3.5-turbo": 300})
+        sim = sim_factory(context_windows={"openai/gpt-4.1-mini": 300})
         long = {"id": "long", "text": "word " * 400}
         data = write_jsonl(tmp_path / "in.jsonl", rows(11) + [long, {"id": "m"}, {"id": "n", "text": None}])
         job = write_job(tmp_path, input_path=data, base_url=sim.base_url, input={"template": "{text}"})
@@ -79,7 +79,7 @@ class TestFailures:
         assert "dataset    14 of 14 input rows have a result: 11 ok, 3 error" in out
         assert "this run   14 rows: 11 ok, 3 error" in out
         assert "error rows (dataset), by error_type, one message each:" in out
-        assert re.search(r"  context_length\s+1  openai/gpt-3.5-turbo: HTTP 400 context_length", out)
+        assert re.search(r"  context_length\s+1  openai/gpt-4.1-mini: HTTP 400 context_length", out)
         assert re.search(r"  missing_field\s+1  line 13: no field 'text'", out)
         assert re.search(r"  null_field\s+1  line 14: field 'text' is null", out)
         assert "failed attempts (requests, not rows): context_length 1; retried on this model 0" in out
