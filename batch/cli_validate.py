@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from batch.cache import default_cache_path
+from batch.catalog import facts_for
 from batch.job import Job, load_job
 from batch.plan import ScanReport, make_plan, scan
 from batch.preflight import blocking as blocking_problems
@@ -32,6 +33,7 @@ def run_validate(args: argparse.Namespace) -> int:
     for warning in job.warnings:
         print(f"  warning: {warning}")
     _describe_setup(job)
+    _describe_models(job)
     blocking = blocking_problems(job, report)
     for problem in blocking:
         print(f"  blocking: {problem}")
@@ -54,8 +56,36 @@ def _describe_setup(job: Job) -> None:
         state = f"{path.stat().st_size:,} bytes" if path.exists() else "no file yet"
         print(f"  response cache {job.run.cache} at {path} ({state})")
     if job.run.check_models:
-        print("  run.check_models: the run reads the providers' model lists first (models that do not exist, "
-              "live prices); validate sends nothing, so it does not")
+        print("  run.check_models: the providers' model lists were read (no request was sent, nothing billed)")
+
+
+def _describe_models(job: Job) -> None:
+    """Models that will not answer: retired by their provider (the catalog knows), or absent from the provider's
+    model list (run.check_models, the user's permission to ask for it); and what the chain does instead."""
+    listings = _listings(job) if job.run.check_models else {}
+    for i, m in enumerate(job.models):
+        facts = facts_for(m.model)
+        listing = listings.get(m.provider)
+        if facts is not None and facts.retired_on is not None:
+            why = f"retired by its provider on {facts.retired_on}" + (
+                f" (its successor: {facts.successor})" if facts.successor else "")
+        elif listing is not None and m.model not in listing:
+            why = f"not in {m.provider}'s model list (retired or misspelled)"
+        else:
+            continue
+        later = [x.label for x in job.models[i + 1:]]
+        fate = (f"its first 404 takes it out of the chain and its rows go to {later[0]}" if later and job.run.fallback
+                else "no later model can answer: every row would end as an error row")
+        print(f"  warning: models[{i}] {m.label}: {why}; {fate}")
+
+
+def _listings(job: Job) -> dict[str, set[str]]:
+    from batch.billing import read_listings
+
+    listings, warnings = read_listings(job, job.models)
+    for warning in warnings:
+        print(f"  warning: {warning}")
+    return {provider: set(models) for provider, models in listings.items()}
 
 
 def _describe_rows(job: Job, report: ScanReport) -> None:

@@ -136,3 +136,23 @@ class TestSimTable:
         used = write_job(tmp_path, input_path=tmp_path / "in.jsonl", name="used.toml",
                          models=[{"provider": "sim", "model": "openai/gpt-4.1-mini"}], sim={"latency_ms": 5})
         assert "warning" not in run_cli("validate", str(used)).stdout  # provider "sim" uses the table
+
+
+class TestModelsThatWillNotAnswer:
+    def test_retired_primary_is_named_with_its_successor(self, tmp_path: Path) -> None:
+        """validate names a catalog-retired model, its successor and where its rows go instead; nothing is sent."""
+        models = [{"provider": "sim", "model": "openai/gpt-3.5-turbo"}, {"provider": "sim", "model": "openai/gpt-4.1-mini"}]
+        job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(2)), models=models)
+        proc = run_cli("validate", str(job))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "models[0] sim:openai/gpt-3.5-turbo: retired by its provider" in proc.stdout
+        assert "its rows go to sim:openai/gpt-4.1-mini" in proc.stdout
+
+    def test_model_missing_from_the_listing(self, tmp_path: Path) -> None:
+        """With run.check_models, a model the provider does not list is named, and so is a chain with nothing after."""
+        models = [{"provider": "sim", "model": "openai/gpt-4o-mini"}]
+        job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(2)), models=models,
+                        run={"check_models": True}, sim={"models": ["openai/gpt-4.1-mini"]})
+        proc = run_cli("validate", str(job))
+        assert "models[0] sim:openai/gpt-4o-mini: not in sim's model list" in proc.stdout, proc.stdout + proc.stderr
+        assert "every row would end as an error row" in proc.stdout
