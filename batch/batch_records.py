@@ -103,6 +103,7 @@ class BatchRecord:
     error: str | None = None  # why the provider failed it
     lines: int | None = None  # lines collected
     reason: str | None = None  # why it was abandoned
+    reserved_usd: float = 0.0  # its lines' worst-case cost at the batch price, held against max_cost_usd
 
     @property
     def holds_rows(self) -> bool:
@@ -240,7 +241,7 @@ class BatchRecords:
         return {r.provider_id for r in self._records.values() if r.provider_id is not None}
 
     def create(self, *, api: str, provider: str, model: str, ids: Sequence[str] | pa.Array | pa.ChunkedArray,
-               now: float | None = None) -> BatchRecord:
+               now: float | None = None, reserved_usd: float = 0.0) -> BatchRecord:
         """Record a batch's rows durably (planned); send its submission only after this returns."""
         if api not in API_NAMES:
             raise ValueError(f"unknown batch API {api!r}; expected one of {', '.join(API_NAMES)}")
@@ -254,7 +255,8 @@ class BatchRecords:
         local_id = f"b{self._last + 1:06d}"
         now = time.time() if now is None else now
         record = BatchRecord(local_id=local_id, tag=f"{local_id}-{secrets.token_hex(8)}", api=api, provider=provider,
-                             model=model, rows=len(array), state="planned", created_at=now, updated_at=now)
+                             model=model, rows=len(array), state="planned", created_at=now, updated_at=now,
+                             reserved_usd=reserved_usd)
         self.dir.mkdir(parents=True, exist_ok=True)
         write_ids(ids_path(self.dir, local_id), array)  # first: a record never names rows that are not on disk
         self._last += 1

@@ -6,6 +6,10 @@ replaces the reservation, and is written to the run's spend journal
 (batch/spend.py) at once, so the spend survives a kill -9: the run never
 spends past the cap by more than what was in flight, counting every run of
 the output.
+
+A provider batch (batch/lanes.py) holds the worst case of all its lines, at
+the batch price, from its submission until its lines are collected; so the
+online lane cannot spend what the batches in flight may still be billed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ class Budget:
         self.spent = spent  # earlier runs of the same output count: the cap is for the whole job
         self.reserved = 0.0
         self.journal = journal
+        self._held: dict[str, float] = {}  # provider batches' reservations, by batch
 
     def reserve(self, amount: float) -> bool:
         if self.max_usd is None:
@@ -29,6 +34,20 @@ class Budget:
             return False
         self.reserved += amount
         return True
+
+    def hold(self, key: str, amount: float, *, reserved: bool) -> None:
+        """``amount`` stays reserved under ``key`` until ``settle(key)``. ``reserved``: ``reserve`` counted it
+        already (this run's submission); else it is counted now, even past the cap (an earlier run's batch,
+        which the provider may bill whatever the cap says)."""
+        if self.max_usd is None or key in self._held:
+            return
+        if not reserved:
+            self.reserved += amount
+        self._held[key] = amount
+
+    def settle(self, key: str) -> None:
+        """The batch ``key`` holds no rows any more: its lines were billed (``bill``) or never will be."""
+        self.release(self._held.pop(key, 0.0))
 
     def release(self, reserved: float) -> None:
         """A request ended: its reservation is replaced by what it was billed (``bill``), if anything."""

@@ -181,7 +181,8 @@ def _stats(args: argparse.Namespace) -> int:
                    for _, t in read_parts(part_files(args.output / "results"), ["cost_usd"]))
     results = {"rows": len(ledger.ids), "ok": ledger.ok, "error": ledger.errors, "cost_usd": row_cost}
     if args.json:
-        print(orjson.dumps({"runs": runs, "models": models, "total": total, "results": results},
+        print(orjson.dumps({"runs": runs, "models": models, "lanes": _lanes_of(models, sums), "total": total,
+                            "results": results},
                            option=orjson.OPT_INDENT_2).decode())
         return 0
     head = f"{'run':24} {'model':34} {'requests':>8} {'ok':>7} {'errors':>6} {'retries':>7} {'429s':>5} " \
@@ -190,12 +191,17 @@ def _stats(args: argparse.Namespace) -> int:
     for r in runs:
         print(f"{r['run_id']:24} {r['provider'] + ':' + r['model']:34} {r['requests']:8} {r['ok']:7} "
               f"{r['errors']:6} {r['retries']:7} {r['rate_limited']:5} {r['prompt_tokens']:9} "
-              f"{r['completion_tokens']:10} {r['cost_usd']:10.6f} {r['latency_p50_ms'] or 0:7.1f} "
-              f"{r['latency_p95_ms'] or 0:7.1f}")
+              f"{r['completion_tokens']:10} {r['cost_usd']:10.6f} {_ms(r['latency_p50_ms'])} {_ms(r['latency_p95_ms'])}")
     print()
     for name, m in models.items():
         print(f"{'all runs':24} {name:34} {m['requests']:8} {m['ok']:7} {m['errors']:6} {m['retries']:7} "
               f"{m['rate_limited']:5} {m['prompt_tokens']:9} {m['completion_tokens']:10} {m['cost_usd']:10.6f}")
+    lanes = _lanes_of(models, sums)
+    if lanes:
+        print("\nby lane     " + "; ".join(
+            f"{lane}: {m['ok']} answers, {m['prompt_tokens']} + {m['completion_tokens']} tokens, ${m['cost_usd']:.6f}"
+            + (f" ({m['second_answers']} second answers, billed, not kept)" if m["second_answers"] else "")
+            for lane, m in lanes.items()))
     per_k = total["cost_usd"] / results["rows"] * 1000 if results["rows"] else 0.0
     print(f"\ntotal cost ${total['cost_usd']:.6f} (${per_k:.4f} per 1,000 rows); results: {results['rows']} rows, "
           f"{results['ok']} ok, {results['error']} error")
@@ -205,6 +211,25 @@ def _stats(args: argparse.Namespace) -> int:
         print(f"answers that failed [output_format]: {total['invalid_outputs']}, repairs asked: {total['repairs']} "
               "(both billed, and included above)")
     return 0
+
+
+def _ms(latency: float | None) -> str:
+    """A latency column: '-' for a model with no timed request (a batch lane, a run answered from the cache)."""
+    return f"{latency:7.1f}" if latency is not None else f"{'-':>7}"
+
+
+def _lanes_of(models: dict[str, dict[str, float]], sums: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """The models' sums by lane (batch, online); empty when no run used a batch lane."""
+    from batch.stats import lane_of
+
+    if not any(lane_of(name) == "batch" for name in models):
+        return {}
+    lanes: dict[str, dict[str, float]] = {}
+    for name, m in models.items():
+        lane = lanes.setdefault(lane_of(name), dict.fromkeys(sums, 0))
+        for k in sums:
+            lane[k] += m[k]
+    return dict(sorted(lanes.items()))
 
 
 def _estimate(args: argparse.Namespace) -> int:

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 SAFETY = 0.8  # plan the online lane at this share of its pace: latency, retries and jitter take the rest
-MARGIN_SECONDS = 10.0  # and finish this long before the deadline
+MARGIN_SECONDS = 10.0  # and finish this long before the deadline...
+MARGIN_SHARE = 0.05  # ...or this share of the time the run had, if less: a 60 s deadline cannot spare 10 s
 _DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
 _CLOCK_RE = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*$")
 
@@ -53,6 +54,11 @@ def parse_deadline(text: str, now: float) -> float:
                          "(\"2026-12-03T07:00:00+01:00\") or a duration (\"8h\", \"90m\", \"1h30m\")") from None
 
 
+def margin_for(deadline: float, start: float) -> float:
+    """How long before the deadline the plan means to be done: ``MARGIN_SECONDS``, less for a short run."""
+    return min(MARGIN_SECONDS, MARGIN_SHARE * max(0.0, deadline - start))
+
+
 @dataclass(frozen=True, slots=True)
 class Outstanding:
     """A batch still running: how many of its rows it has not answered yet, and whether it can be cancelled."""
@@ -63,25 +69,26 @@ class Outstanding:
     submitted_at: float
 
 
-def online_capacity(now: float, deadline: float, rows_per_second: float, backlog: int) -> float:
+def online_capacity(now: float, deadline: float, rows_per_second: float, backlog: int,
+                    margin: float = MARGIN_SECONDS) -> float:
     """Rows the online lane can still answer before the deadline, after its own backlog."""
-    return max(0.0, rows_per_second * SAFETY * (deadline - now - MARGIN_SECONDS)) - backlog
+    return max(0.0, rows_per_second * SAFETY * (deadline - now - margin)) - backlog
 
 
 def may_submit(now: float, deadline: float, *, cancellable: bool, expected_seconds: float, rows: int,
-               rows_per_second: float) -> bool:
+               rows_per_second: float, margin: float = MARGIN_SECONDS) -> bool:
     """Is a new batch worth it? One that cannot be cancelled needs the usual batch time before the
     deadline; one that can needs only that the online lane could still do its rows if pulled back."""
-    left = deadline - now - MARGIN_SECONDS
+    left = deadline - now - margin
     if not cancellable:
         return left >= expected_seconds
-    return left > 0 and online_capacity(now, deadline, rows_per_second, 0) >= rows * 0.25
+    return left > 0 and online_capacity(now, deadline, rows_per_second, 0, margin) >= rows * 0.25
 
 
 def to_pull_back(now: float, deadline: float, rows_per_second: float, backlog: int,
-                 batches: Sequence[Outstanding]) -> list[str]:
+                 batches: Sequence[Outstanding], margin: float = MARGIN_SECONDS) -> list[str]:
     """The batches whose rows must go online now (newest first), just enough that the rest fits."""
-    capacity = online_capacity(now, deadline, rows_per_second, backlog)
+    capacity = online_capacity(now, deadline, rows_per_second, backlog, margin)
     owed = sum(b.rows_owed for b in batches)
     pulled = []
     for b in sorted(batches, key=lambda b: (b.cancellable is False, -b.submitted_at)):

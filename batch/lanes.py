@@ -31,20 +31,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batch.answers import Checker
-from batch.store import Ledger
+from batch.budget import Budget
 from batch.batch_api import BatchClient, batch_failure, client_for
 from batch.batch_records import BatchRecord, BatchRecords
 from batch.batch_wire import BatchInfo, SubmitUnknownError
 from batch.catalog import FLEX_PRICE_FACTOR
 from batch.errors import ProviderError
-from batch.lane_plan import Outstanding, may_submit, parse_deadline, to_pull_back
+from batch.lane_plan import Outstanding, margin_for, may_submit, parse_deadline, to_pull_back
 from batch.plan import Plan, ScanReport
-from batch.progress import Progress, Tally
+from batch.progress import Progress, Tally, money
 from batch.prompts import Request
 from batch.provider import Reply
 from batch.result import error_result, result_row
 from batch.sinks import Sink
-from batch.stats import ModelStats
+from batch.stats import BATCH_LANE_SUFFIX, ModelStats
+from batch.store import Ledger, ids_answered_by
 from batch.target import Target
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ class LaneSettings:
     expected_seconds: float
     poll_seconds: float
     batch_rows: int
+    margin_seconds: float = 0.0  # be done this long before the deadline (lane_plan.margin_for)
 
 
 class LaneManager:
@@ -70,11 +72,11 @@ class LaneManager:
 
     def __init__(self, plan: Plan, target: Target, api: str, session: aiohttp.ClientSession, sink: Sink,
                  records: BatchRecords, settings: LaneSettings, tally: Tally, progress: Progress,
-                 checker: Checker | None, answered: pa.Array, *, allow_online: bool = True) -> None:
+                 checker: Checker | None, answered: pa.Array, budget: Budget, *, allow_online: bool = True) -> None:
         self.plan, self.target, self.session, self.sink = plan, target, session, sink
         self.client: BatchClient = client_for(api)
         self.records, self.settings, self.tally, self.progress, self.checker = records, settings, tally, progress, checker
-        self.stats = ModelStats(label=f"{target.label}@batch")
+        self.stats = ModelStats(label=target.label + BATCH_LANE_SUFFIX)
         self.answered: set[str] = set(answered.to_pylist())  # ok before this run: a line for them is a second answer
         self.released: set[str] = set()  # rows given to the online lane this run
         self.queue: asyncio.Queue[Request | object] | None = None
@@ -85,6 +87,9 @@ class LaneManager:
         self.allow_online = allow_online  # lanes = ["batch"] alone: a row batches keep failing ends as an error
         self.tries: dict[str, int] = {}  # batches each given-back row has been in
         self.last_error: dict[str, ProviderError] = {}
+        self.budget = budget  # max_cost_usd: a batch holds its worst case from submission to collection
+        self.spending = True  # false after a budget stop: batches in flight are collected, nothing new is sent
+        self.written: set[str] = set()  # rows an interrupted collection already wrote: not second answers
         self.done = asyncio.Event()
 
     # --- start -----------------------------------------------------------------------------------------------
@@ -98,7 +103,8 @@ class LaneManager:
         deadline = self.settings.deadline
         if deadline is not None and not may_submit(time.time(), deadline, cancellable=cancellable,
                                                    expected_seconds=self.settings.expected_seconds, rows=len(todo),
-                                                   rows_per_second=self.settings.rows_per_second):
+                                                   rows_per_second=self.settings.rows_per_second,
+                                                   margin=self.settings.margin_seconds):
             self.progress.message("batch lane: not enough time before the deadline for a provider batch; "
                                   "every row goes online")
             return
@@ -106,6 +112,10 @@ class LaneManager:
 
     async def _reattach(self) -> None:
         pending = self.records.pending()
+        for record in (*pending.unknown, *pending.running, *pending.finished):
+            self.budget.hold(record.local_id, record.reserved_usd, reserved=False)  # the provider may still bill it
+        if pending.finished:  # a collection a crash interrupted wrote some of its lines already
+            self.written = ids_answered_by(self.records.dir.parent, {r.provider_id for r in pending.finished if r.provider_id})
         for record in pending.unknown:
             await self._find(record)
         if pending.running or pending.finished or pending.unknown:
@@ -122,6 +132,7 @@ class LaneManager:
             self.records.mark_submitted(record.local_id, found[0])
         elif not found and time.time() - record.created_at > FIND_PATIENCE_SECONDS:
             self.records.mark_abandoned(record.local_id, "the provider lists no batch for this submission")
+            self.budget.settle(record.local_id)
 
     def held(self) -> pa.Array:
         return self.records.held_ids()
@@ -136,7 +147,13 @@ class LaneManager:
 
     # --- submitting --------------------------------------------------------------------------------------------
 
+    def stop_spending(self) -> None:
+        """The budget is reached: collect what batches answer; submit nothing and send nothing online."""
+        self.spending = False
+
     async def submit(self, requests: list[Request]) -> None:
+        if not self.spending:
+            return  # the rows stay without a result: a rerun with a larger max_cost_usd sends them
         size = max(1, min(self.settings.batch_rows, self.client.limits.max_lines))
         for start in range(0, len(requests), size):
             chunk = requests[start:start + size]
@@ -144,10 +161,18 @@ class LaneManager:
                 await self.release(chunk)
 
     async def _submit_one(self, chunk: list[Request]) -> bool:
-        """Record, then submit; False when the provider refused it (its rows go online)."""
+        """Record, then submit; False when max_cost_usd has no room for it or the provider refused it (its rows
+        go online, where the cap stops the run when it is reached)."""
         t = self.target
+        worst = sum(t.worst_cost(r.prompt_tokens, r.max_tokens or self.plan.max_tokens) for r in chunk) \
+            * BATCH_PRICE_FACTOR
+        if not self.budget.reserve(worst):
+            self.progress.message(f"batch lane: max_cost_usd has no room for a batch of {len(chunk)} rows "
+                                  f"(up to {money(worst)}); they go online")
+            return False
         record = self.records.create(api=self.client.api, provider=t.provider, model=t.model,
-                                     ids=[r.id for r in chunk])
+                                     ids=[r.id for r in chunk], reserved_usd=worst)
+        self.budget.hold(record.local_id, worst, reserved=True)
         lines = [(r.id, r.body_for(t.prefix)) for r in chunk]
         try:
             info = await self.client.submit(self.session, t.endpoint, t.model, lines, record.tag)
@@ -155,6 +180,7 @@ class LaneManager:
             return True  # it may have been accepted: the rows stay held; _find settles it
         except ProviderError as exc:
             self.records.mark_abandoned(record.local_id, str(exc))
+            self.budget.settle(record.local_id)
             if exc.kind == "no_batch_endpoint":
                 self.usable = False
                 self.progress.message(f"batch lane: {t.model} has no batch endpoint ({exc.detail}); online only")
@@ -207,13 +233,14 @@ class LaneManager:
 
     async def _pull_back(self) -> None:
         deadline = self.settings.deadline
-        if deadline is None:
+        if deadline is None or not self.spending:
             return
         running = [r for r in self.records.pending().running if r.local_id not in self.pulled]
         owed = [Outstanding(r.local_id, r.rows - (r.request_counts or {}).get("completed", 0),
                             self.client.api == "openai", r.created_at) for r in running]
         backlog = self.queue.qsize() if self.queue is not None else 0
-        for key in to_pull_back(time.time(), deadline, self.settings.rows_per_second, backlog, owed):
+        for key in to_pull_back(time.time(), deadline, self.settings.rows_per_second, backlog, owed,
+                                self.settings.margin_seconds):
             record = self.records.get(key)
             self.pulled.add(key)
             if record.provider_id is not None:
@@ -225,29 +252,37 @@ class LaneManager:
     # --- collecting ----------------------------------------------------------------------------------------------
 
     async def collect(self, record: BatchRecord, info: BatchInfo) -> None:
-        """Every line of a terminal batch becomes a result row, goes back to another lane, or is a second answer."""
-        ids = set(self.records.ids(record.local_id).to_pylist())
-        requests = {r.id: r for r in self.requests_for(ids)}
-        back: list[Request] = []
+        """Every line of a terminal batch becomes a result row, goes back to another lane, or is a second answer.
+        All lines are read before any is used: a read that fails halfway is redone whole at the next poll."""
         if (failure := batch_failure(info)) is not None and failure.kind == "no_batch_endpoint":
             self.usable = False
-        lines = 0
         try:
-            async for line in self.client.results(self.session, self.target.endpoint, info, model=record.model):
-                lines += 1
-                ids.discard(line.custom_id)
-                if (req := requests.get(line.custom_id)) is not None:
-                    self._line(req, line.reply, line.error, line.cost, info.id, back)
+            lines = [line async for line in self.client.results(self.session, self.target.endpoint, info,
+                                                                 model=record.model)]
         except (ProviderError, ValueError) as exc:
             self.progress.message(f"batch lane: cannot read the results of batch {info.id} yet: {exc}")
             return
+        ids = set(self.records.ids(record.local_id).to_pylist())
+        requests = {r.id: r for r in self.requests_for(ids)}
+        back: list[Request] = []
+        cost, prompt, completion = 0.0, 0, 0
+        for line in lines:
+            ids.discard(line.custom_id)
+            if (req := requests.get(line.custom_id)) is not None:
+                c, p, q = self._line(req, line.reply, line.error, line.cost, info.id, back)
+                cost, prompt, completion = cost + c, prompt + p, completion + q
         back.extend(requests[i] for i in ids if i in requests and i not in self.released)  # never ran
         await self.sink.drain()  # the answers are on disk before the record lets its rows go
-        self.records.mark_collected(record.local_id, lines=lines)
+        # billed once per batch, journalled before the record says collected: a collection a crash interrupts
+        # is redone whole by the next run, which bills it then (the provider billed each line once)
+        self.budget.bill(self.stats.label, cost, prompt, completion)
+        self.records.mark_collected(record.local_id, lines=len(lines))
+        self.budget.settle(record.local_id)
         await self.give_back(back)
 
     def _line(self, req: Request, reply: Reply | None, error: ProviderError | None, cost: float | None,
-              batch_id: str, back: list[Request]) -> None:
+              batch_id: str, back: list[Request]) -> tuple[float, int, int]:
+        """One result line: a result row, a row to give back, or a second answer. Returns what it was billed."""
         s = self.stats
         if error is not None or reply is None:
             s.errors[error.kind if error is not None else "bad_response"] += 1
@@ -255,31 +290,37 @@ class LaneManager:
                 self.last_error[req.id] = error
             if req.id not in self.released and req.id not in self.answered:
                 back.append(req)
-            return
+            return 0.0, 0, 0
         t = self.target
+        source = "provider" if cost is not None else "price_table" if t.price_in is not None else None
         if cost is None and t.price_in is not None and t.price_out is not None:
             cost = (reply.prompt_tokens * t.price_in + reply.completion_tokens * t.price_out) * BATCH_PRICE_FACTOR
-        s.cost_usd += cost or 0.0
+        billed = (cost or 0.0, reply.prompt_tokens, reply.completion_tokens)
+        s.cost_usd += billed[0]
         s.billed_prompt_tokens += reply.prompt_tokens
         s.billed_completion_tokens += reply.completion_tokens
-        if req.id in self.released or req.id in self.answered:
+        rewritten = req.id in self.written  # an interrupted collection wrote its row, and counted nothing
+        if not rewritten and (req.id in self.released or req.id in self.answered):
             s.second_answers += 1  # answered online meanwhile: billed twice, kept once
-            return
+            return billed
         parsed, problem = self.checker.check(reply.text) if self.checker is not None else (None, None)
         if problem is not None:
             s.invalid_outputs += 1
-            back.append(req._replace(carried=(cost or 0.0, reply.prompt_tokens, reply.completion_tokens)))
-            return
+            back.append(req._replace(carried=billed))
+            return billed
         s.ok += 1
         s.prompt_tokens += reply.prompt_tokens
         s.completion_tokens += reply.completion_tokens
         self.answered.add(req.id)
+        if rewritten:
+            return billed
         result = result_row(req, attempts=1, reply=reply, provider=t.provider, level=0, parsed=parsed,
-                            cost=cost, cost_source="provider" if cost is not None else None, lane="batch",
+                            cost=cost, cost_source=source, lane="batch",
                             batch_id=batch_id, billed=(reply.prompt_tokens, reply.completion_tokens))
         self.sink.add(result, req.replaces)
         self.tally.done += 1
         self.tally.ok += 1
+        return billed
 
     # --- giving rows back ----------------------------------------------------------------------------------------
 
@@ -291,7 +332,7 @@ class LaneManager:
         time_for_batch = self.usable and (deadline is None or may_submit(
             time.time(), deadline, cancellable=self.client.api == "openai",
             expected_seconds=self.settings.expected_seconds, rows=len(requests),
-            rows_per_second=self.settings.rows_per_second))
+            rows_per_second=self.settings.rows_per_second, margin=self.settings.margin_seconds))
         again = []
         for req in requests:
             self.tries[req.id] = self.tries.get(req.id, 1) + 1
@@ -320,6 +361,8 @@ class LaneManager:
 
     async def release(self, requests: Iterable[Request]) -> None:
         for req in requests:
+            if not self.spending:
+                return  # the online lane has stopped: these rows wait for a rerun
             if req.id in self.answered or req.id in self.released:
                 continue
             self.released.add(req.id)
@@ -349,7 +392,7 @@ class LaneManager:
 
 async def start_lanes(job: Job, plan: Plan, report: ScanReport, resume: Resume, target: Target,
                       session: aiohttp.ClientSession, sink: Sink, tally: Tally, progress: Progress,
-                      checker: Checker | None) -> LaneManager | None:
+                      checker: Checker | None, budget: Budget) -> LaneManager | None:
     """The batch lane for this run's first model: reattached, the rows still to do submitted, and the
     rows its batches hold added to what the pump skips. None when the provider has no Batch API."""
     api = job.provider_of(job.models[0]).batch_api
@@ -358,13 +401,15 @@ async def start_lanes(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
                          "batch_api in its [providers] table); every row goes online")
         return None
     run = job.run
-    settings = LaneSettings(deadline=parse_deadline(run.deadline, time.time()) if run.deadline else None,
-                            rows_per_second=online_pace(job), expected_seconds=run.batch_expected_seconds,
-                            poll_seconds=run.batch_poll_seconds, batch_rows=run.batch_rows)
+    now = time.time()
+    deadline = parse_deadline(run.deadline, now) if run.deadline else None
+    settings = LaneSettings(deadline=deadline, rows_per_second=online_pace(job),
+                            expected_seconds=run.batch_expected_seconds, poll_seconds=run.batch_poll_seconds,
+                            batch_rows=run.batch_rows, margin_seconds=margin_for(deadline, now) if deadline else 0.0)
     ledger = Ledger.read(job.output.path)
     answered = pc.filter(ledger.ids, pc.equal(ledger.status, "ok")) if len(ledger.ids) else ledger.ids
     lanes = LaneManager(plan, target, api, session, sink, BatchRecords(job.output.path), settings, tally,
-                        progress, checker, answered, allow_online="online" in run.lanes)
+                        progress, checker, answered, budget, allow_online="online" in run.lanes)
     lanes.old_parts = resume.old_parts
     ids = report.ids
     if ids is None:

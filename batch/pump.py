@@ -42,13 +42,14 @@ class Stop:
 
     def __init__(self) -> None:
         self.reason: str | None = None
+        self.collect_batches = False  # a budget stop: stop spending, but collect the batches already paid for
         self.hard = False
         self.event = asyncio.Event()
         self.hard_event = asyncio.Event()
 
-    def request(self, reason: str, *, hard: bool = False) -> None:
+    def request(self, reason: str, *, hard: bool = False, collect_batches: bool = False) -> None:
         if self.reason is None:
-            self.reason = reason
+            self.reason, self.collect_batches = reason, collect_batches
         self.event.set()
         if hard:
             self.hard = True
@@ -92,6 +93,8 @@ class Pump:
         lanes = asyncio.create_task(self.lanes.run(self.queue)) if self.lanes is not None else None
         try:
             await self._supervise(read_task, workers)
+            if lanes is not None and self.stop.collect_batches and not self.stop.hard:
+                await self._collect_batches(lanes)
             read_task.cancel()  # no-op when it has finished; else it may wait to put a sentinel nobody takes
             await asyncio.gather(read_task, return_exceptions=True)
         finally:
@@ -104,6 +107,21 @@ class Pump:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await asyncio.gather(mon, return_exceptions=True)
+
+    async def _collect_batches(self, lanes: asyncio.Task[None]) -> None:
+        """A budget stop ends spending, not collecting: the batches already submitted are paid for, so the run
+        waits for their answers (the progress line shows them); Ctrl-C leaves them to a rerun."""
+        assert self.lanes is not None
+        self.lanes.stop_spending()
+        while not self.queue.empty():  # unblocks a give-back waiting for room; nobody takes these rows now
+            self.queue.get_nowait()
+        if lanes.done():
+            return
+        self.progress.message(f"batch lane: {self.lanes.in_flight() or 'batches in flight'}; waiting for their "
+                              "answers, already paid for (Ctrl-C leaves them to a rerun)")
+        interrupted = asyncio.create_task(self.stop.hard_event.wait())
+        await asyncio.wait({lanes, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+        interrupted.cancel()
 
     async def reader(self) -> None:
         await self._read_input()
@@ -226,7 +244,7 @@ class Pump:
 
     def _on_signal(self) -> None:
         self._signals += 1
-        if self._signals == 1:
+        if self._signals == 1 and self.stop.reason is None:
             self.stop.request("interrupted; rerun the same command to resume")
             self.progress.message(f"stopping: finishing requests in flight (up to {self.grace_seconds:g}s); "
                                   "press Ctrl-C again to stop at once")

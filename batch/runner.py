@@ -45,6 +45,7 @@ from batch.sim import SimConfig, Simulator
 from batch.sinks import Sink, result_schema
 from batch.spend import SpendJournal
 from batch.stats import Usage, append_stats, stats_rows
+from batch.batch_records import BatchRecords
 from batch.lanes import start_lanes
 from batch.stats import ModelStats
 from batch.store import Ledger, error_rows, write_manifest
@@ -240,6 +241,9 @@ def _tally_up(out: Path, summary: Summary, tally: Tally, stopped: str | None, li
         left = f"{summary.rows_left} of {summary.rows_input} input rows have no result yet"
         summary.stop_reason = stopped or (f"{left} (--limit {limit}); rerun to continue" if limit is not None
                                           else f"{left}; rerun to resume")
+        if held := len(BatchRecords(out).held_ids()):
+            summary.stop_reason += (f". {held} rows are in provider batches still running (`batch status {out}` "
+                                    "shows them); a rerun collects them and sends none of them again")
     elif summary.rows_error:
         summary.exit_code = EXIT_ERRORS
 
@@ -258,7 +262,7 @@ async def _send_all(job: Job, plan: Plan, report: ScanReport, resume: Resume, li
 
         def on_budget() -> None:
             stop.request(f"budget reached: max_cost_usd ${job.run.max_cost_usd} would be passed by the next "
-                         "request. Raise max_cost_usd and rerun to resume.")
+                         "request. Raise max_cost_usd and rerun to resume.", collect_batches=True)
 
         checker = _checker(job)
         schema = result_schema(plan.keep_types, raw_response=job.output.raw_response,
@@ -274,8 +278,8 @@ async def _send_all(job: Job, plan: Plan, report: ScanReport, resume: Resume, li
                             cache=cache, row_chains=row_chains, checker=checker,
                             max_repairs=job.output_format.max_repairs if job.output_format else 0, log=records[1],
                             on_gone=lambda t: progress.message(_gone_message(job, t, targets)))
-            lanes = await start_lanes(job, plan, report, resume, targets[0], session, sink, tally, progress, checker) \
-                if "batch" in job.run.lanes else None
+            lanes = await start_lanes(job, plan, report, resume, targets[0], session, sink, tally, progress, checker,
+                                      budget) if "batch" in job.run.lanes else None
             report.ids = None
             await Pump(job, plan, resume, limit, options.grace_seconds, router, sink, stop, tally, progress,
                        targets, lanes).run()

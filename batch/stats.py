@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from batch.atomic import replacing
 
 STATS_FILE = "stats.parquet"
+BATCH_LANE_SUFFIX = "@batch"  # a model's counters for its provider Batch API lane: "openai/gpt-4.1-mini@batch"
 
 
 @dataclass(slots=True, kw_only=True)
@@ -101,6 +102,22 @@ class Usage(Counts):
     def tokens_per_minute(self) -> float:
         tokens = self.prompt_tokens + self.completion_tokens
         return tokens * 60 / self.wall_seconds if self.wall_seconds else 0.0
+
+
+def lane_of(model_label: str) -> str:
+    """The lane a stats row counts: "batch" for a model's Batch API counters, else "online"."""
+    return "batch" if model_label.endswith(BATCH_LANE_SUFFIX) else "online"
+
+
+def by_lane(per_model: dict[tuple[str, str], Usage]) -> dict[str, Usage]:
+    """Per-model usage summed by lane; empty when the run used no batch lane (nothing to split)."""
+    if not any(lane_of(model) == "batch" for _, model in per_model):
+        return {}
+    lanes: dict[str, Usage] = {}
+    for (_, model), u in per_model.items():
+        lane = lane_of(model)
+        lanes[lane] = lanes.get(lane, Usage()) + u
+    return dict(sorted(lanes.items()))
 
 
 STATS_SCHEMA = pa.schema([

@@ -77,6 +77,21 @@ def error_rows(out_dir: Path) -> dict[str, tuple[int, str]]:
     return dict(sorted(found.items(), key=lambda item: -item[1][0]))
 
 
+def ids_answered_by(out_dir: Path, batch_ids: set[str]) -> set[str]:
+    """The ids of result rows a provider batch (by its provider id) answered: what a collection a crash
+    interrupted already wrote. Reads ``id`` and ``batch_id`` part by part; outputs without lanes have none."""
+    found: set[str] = set()
+    if not batch_ids:
+        return found
+    wanted = pa.array(sorted(batch_ids), pa.string())
+    for path in part_files(out_dir / RESULTS_DIR):
+        if "batch_id" not in pq.read_schema(path).names:
+            continue
+        for _, t in read_parts([path], ["id", "batch_id"]):
+            found.update(t.filter(pc.is_in(t["batch_id"], value_set=wanted))["id"].to_pylist())
+    return found
+
+
 class Ledger:
     """What the output already holds, one entry per id, with the part that holds it."""
 

@@ -19,6 +19,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from batch.progress import money
+from batch.stats import by_lane
 
 if TYPE_CHECKING:
     from batch.runner import Summary
@@ -41,6 +42,7 @@ def format_summary(s: Summary) -> str:
         f"{money(u.cost_usd)}{per_k}",
         f"           {s.wall_seconds:.1f}s, {f.rate:.1f} rows/s",
     ]
+    lines.extend(_lane_lines(by_lane(s.per_model)))
     if s.cache_path is not None:
         lines.append(f"cache      {s.cache_hits} rows answered from the cache (no request, no cost), "
                      f"{s.cache_misses} not found; {s.cache_path}")
@@ -55,6 +57,20 @@ def format_summary(s: Summary) -> str:
         for kind, (rows, example) in s.error_rows.items():
             lines.append(f"  {kind:<{width}}  {rows:>6}  {_short(example)}")
     return "\n".join(lines)
+
+
+def _lane_lines(lanes: dict[str, Usage]) -> list[str]:
+    """This run's answers, tokens and cost by lane (only when a batch lane was used)."""
+    if not lanes:
+        return []
+    parts = [f"{lane}: {u.ok} answers, {u.prompt_tokens} + {u.completion_tokens} tokens, {money(u.cost_usd)}"
+             for lane, u in lanes.items()]
+    lines = ["lanes      " + "; ".join(parts)]
+    second = sum(u.second_answers for u in lanes.values())
+    if second:
+        lines.append(f"           {second} batch lines answered rows already answered online: billed, "
+                     "counted in the cost above, not kept")
+    return lines
 
 
 def _model_lines(label: str, x: Usage) -> list[str]:
@@ -102,4 +118,7 @@ def summary_dict(s: Summary) -> dict[str, object]:
             "failed_attempts": {f"{p}:{m}": dict(x.errors) for (p, m), x in s.per_model.items() if x.errors},
         },
         "models": models,
+        "lanes": {lane: {"answers": u.ok, "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                         "cost_usd": round(u.cost_usd, 8), "second_answers": u.second_answers}
+                  for lane, u in by_lane(s.per_model).items()},
     }

@@ -69,6 +69,10 @@ def test_a_deadline_job_mixes_lanes_and_answers_every_row_once(tmp_path: Path, s
     full_price = (df["billed_prompt_tokens"].sum() * 0.4 + df["billed_completion_tokens"].sum() * 1.6) / 1e6
     assert df["cost_usd"].sum() < 0.8 * full_price  # what all-online would have cost
     assert max(submitted(sim).values()) <= 2  # a line goes to a second batch at most (after it failed or expired)
+    lanes = orjson.loads(proc.stdout)["lanes"]  # the summary splits answers and cost by lane, as the rows do
+    assert {lane: x["answers"] for lane, x in lanes.items()} == {"batch": by_lane["batch"], "online": by_lane["online"]}
+    assert sum(x["cost_usd"] for x in lanes.values()) >= df["cost_usd"].sum() - 1e-9  # + second answers, if any
+    assert "by lane     batch: " in run_cli("stats", str(tmp_path / "out")).stdout
     print(f"{api}: rows by lane {by_lane}; cost ${df['cost_usd'].sum():.4f} vs all online ${full_price:.4f}")
 
 
@@ -101,6 +105,24 @@ def test_kill_9_after_a_submission_or_while_polling_never_submits_a_line_twice(t
     df = results(tmp_path)
     assert len(df) == 3000 and df["id"].is_unique and (df["status"] == "ok").all()
     assert sim.counters.requests == 3000 - len(counts)  # online: only rows no batch took
+    stats = ds.dataset(tmp_path / "out" / "stats.parquet").to_table().to_pandas()
+    assert stats["cost_usd"].sum() == pytest.approx(df["cost_usd"].sum(), rel=1e-6)  # each line billed once
+
+
+def test_the_cost_cap_covers_batches_in_flight(tmp_path: Path, sim_factory: Factory) -> None:
+    """max_cost_usd counts a batch's worst case from submission to collection: the batches the cap has room
+    for are submitted, the rest go online until the cap; then the run stops spending but still collects the
+    batches it paid for, and everything billed stays under the cap."""
+    sim = sim_factory(**FAST)
+    cap = 0.02  # two batches of 1,000 rows at their worst (~$0.0084 each), then ~200 rows online
+    job = lanes_job(tmp_path, sim, 3000, "openai", run={"batch_rows": 1000, "max_cost_usd": cap})
+    proc = run_cli("run", str(job), "--quiet")
+    assert proc.returncode == 3 and "budget reached" in proc.stderr, proc.stderr
+    assert "max_cost_usd has no room for a batch of 1000 rows" in proc.stderr
+    df = results(tmp_path)
+    assert df["id"].is_unique and (df["lane"] == "batch").sum() == 2000 and (df["lane"] == "online").sum() > 0
+    stats = ds.dataset(tmp_path / "out" / "stats.parquet").to_table().to_pandas()
+    assert stats["cost_usd"].sum() <= cap
 
 
 def test_a_batch_that_fails_validation_sends_its_rows_online(tmp_path: Path, sim_factory: Factory) -> None:
