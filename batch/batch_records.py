@@ -184,8 +184,11 @@ class BatchRecords:
     >>> records.mark_submitted(rec.local_id, info)                                       # doctest: +SKIP
     """
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, *, writer: bool = True) -> None:
+        """``writer``: this process holds the output lock, so leftovers of a crash are its to clear; a reader
+        (``batch status``, beside a running run) must not, since they may be a create in progress."""
         self.dir = out_dir / BATCHES_DIR
+        self.writer = writer
         self._records: dict[str, BatchRecord] = {}
         self._ids: dict[str, pa.Array] = {}  # of holding records only
         self._last = 0  # the highest local number seen, records and stray ids files alike
@@ -197,13 +200,15 @@ class BatchRecords:
         names: dict[str, set[str]] = {}
         for path in self.dir.iterdir():
             if path.name.startswith(".") and path.name.endswith(".tmp"):
-                path.unlink(missing_ok=True)  # a write a crash interrupted: the old file is still whole
+                if self.writer:
+                    path.unlink(missing_ok=True)  # a write a crash interrupted: the old file is still whole
             elif m := _NAME_RE.match(path.name):
                 names.setdefault(m.group(1), set()).add(m.group(2))
                 self._last = max(self._last, int(m.group(1)[1:]))
         for local_id, kinds in sorted(names.items()):
             if ".json" not in kinds:  # a create that never returned: nothing was sent for these rows
-                ids_path(self.dir, local_id).unlink(missing_ok=True)
+                if self.writer:
+                    ids_path(self.dir, local_id).unlink(missing_ok=True)
                 continue
             path = record_path(self.dir, local_id)
             record = BatchRecord.from_json(path.read_bytes(), path)
@@ -243,6 +248,8 @@ class BatchRecords:
     def create(self, *, api: str, provider: str, model: str, ids: Sequence[str] | pa.Array | pa.ChunkedArray,
                now: float | None = None, reserved_usd: float = 0.0) -> BatchRecord:
         """Record a batch's rows durably (planned); send its submission only after this returns."""
+        if not self.writer:
+            raise RuntimeError("BatchRecords(writer=False) reads only; the run holding the output lock writes")
         if api not in API_NAMES:
             raise ValueError(f"unknown batch API {api!r}; expected one of {', '.join(API_NAMES)}")
         array = as_ids(ids)
@@ -318,5 +325,7 @@ class BatchRecords:
 
     def _write(self, record: BatchRecord) -> None:
         """Durable first, then in memory: a failed write leaves both as they were."""
+        if not self.writer:
+            raise RuntimeError("BatchRecords(writer=False) reads only; the run holding the output lock writes")
         write_atomic(record_path(self.dir, record.local_id), record.to_json())
         self._records[record.local_id] = record

@@ -28,7 +28,7 @@ def run_status(args: argparse.Namespace) -> int:
     out: Path = args.output
     if not out.is_dir():
         raise OutputError(f"{out}: no such output directory; give the output.path of a job that has run")
-    records = BatchRecords(out).records()
+    records = BatchRecords(out, writer=False).records()  # a run may be writing beside us
     if args.json:
         print(orjson.dumps({"batches": [dataclasses.asdict(r) for r in records]}, option=orjson.OPT_INDENT_2).decode())
         return 0

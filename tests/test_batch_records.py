@@ -117,6 +117,22 @@ class TestLifecycle:
         with pytest.raises(OutputError, match="not ignored"):
             BatchRecords(tmp_path)
 
+    def test_a_reader_beside_a_run_removes_nothing(self, tmp_path: Path) -> None:
+        """``batch status`` opens the records while a run may be between the two files of a create: a reader
+        leaves an ids file without its record (and temp files) alone, and cannot write."""
+        records = BatchRecords(tmp_path)
+        done = records.create(api="openai", provider="oa", model="m", ids=["a"])
+        creating = records.create(api="openai", provider="oa", model="m", ids=["b"])
+        folder = tmp_path / BATCHES_DIR
+        record_path(folder, creating.local_id).unlink()  # the run has written the ids, not yet the record
+        (folder / f".{done.local_id}.json.tmp").write_bytes(b"{half")  # the run is rewriting a record
+        before = sorted(p.name for p in folder.iterdir())
+        reader = BatchRecords(tmp_path, writer=False)
+        assert [r.local_id for r in reader.records()] == [done.local_id]
+        assert sorted(p.name for p in folder.iterdir()) == before
+        with pytest.raises(RuntimeError, match="reads only"):
+            reader.create(api="openai", provider="oa", model="m", ids=["c"])
+
     def test_many_rows_stay_in_arrow(self, tmp_path: Path) -> None:
         """80 batches of 5,000 ids (a 400k-row job) reopen as one Arrow array of held ids."""
         records = BatchRecords(tmp_path)
