@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean bench
+.PHONY: demo demo-lanes test venv clean bench
 
 venv: $(STAMP)
 
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/batch run jobs/demo.toml --fresh
+
+# the batch lane against a deadline, on the simulator's Batch API (about a minute)
+demo-lanes: $(STAMP)
+	$(BIN)/batch run jobs/overnight.toml --fresh
+	$(BIN)/batch status out/overnight
 
 # mypy --strict on batch/ first (a few seconds): a typing break fails `make test`, and so CI
 test: $(STAMP)

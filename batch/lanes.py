@@ -34,8 +34,8 @@ from batch.answers import Checker
 from batch.budget import Budget
 from batch.batch_api import BatchClient, batch_failure, client_for
 from batch.batch_records import BatchRecord, BatchRecords
-from batch.batch_wire import BatchInfo, SubmitUnknownError
-from batch.catalog import FLEX_PRICE_FACTOR
+from batch.batch_wire import BATCH_NOT_FOUND, BatchInfo, SubmitUnknownError
+from batch.catalog import FLEX_PRICE_FACTOR, SIM_BASE_URL
 from batch.errors import ProviderError
 from batch.lane_plan import Outstanding, margin_for, may_submit, parse_deadline, to_pull_back
 from batch.plan import Plan, ScanReport
@@ -88,6 +88,7 @@ class LaneManager:
         self.tries: dict[str, int] = {}  # batches each given-back row has been in
         self.last_error: dict[str, ProviderError] = {}
         self.budget = budget  # max_cost_usd: a batch holds its worst case from submission to collection
+        self.ephemeral = False  # the embedded simulator's batches, which end with the run
         self.spending = True  # false after a budget stop: batches in flight are collected, nothing new is sent
         self.written: set[str] = set()  # rows an interrupted collection already wrote: not second answers
         self.done = asyncio.Event()
@@ -200,6 +201,10 @@ class LaneManager:
                 if self._waiting():
                     await asyncio.sleep(self.settings.poll_seconds)
         finally:
+            if self.ephemeral:  # its batches end with this run's simulator: no later run can collect them
+                for record in self.records.records():
+                    if record.holds_rows:
+                        self.records.mark_abandoned(record.local_id, "the embedded simulator ended with its run")
             self.done.set()
 
     def _waiting(self) -> bool:
@@ -213,23 +218,35 @@ class LaneManager:
         for record in pending.unknown:
             await self._find(record)
         for record in pending.running:
-            assert record.provider_id is not None
-            info = await self._get(record.provider_id)
-            if info is not None:
+            if (info := await self._get(record)) is not None:
                 record = self.records.mark_status(record.local_id, info)
                 if info.terminal:
                     await self.collect(record, info)
         for record in self.records.pending().finished:
-            if record.provider_id is not None and (info := await self._get(record.provider_id)) is not None:
+            if (info := await self._get(record)) is not None:
                 await self.collect(record, info)
         await self._pull_back()
 
-    async def _get(self, batch_id: str) -> BatchInfo | None:
+    async def _get(self, record: BatchRecord) -> BatchInfo | None:
+        batch_id = record.provider_id
+        assert batch_id is not None
         try:
             return await self.client.get(self.session, self.target.endpoint, batch_id)
-        except ProviderError as exc:  # a poll that failed is retried at the next poll
-            self.progress.message(f"batch lane: cannot poll batch {batch_id}: {exc}")
+        except ProviderError as exc:
+            if exc.kind == BATCH_NOT_FOUND:
+                await self._forget(record, f"the provider has no batch {batch_id} (another account or base_url, "
+                                           "or a simulator that restarted)")
+            else:  # a poll that failed is retried at the next poll
+                self.progress.message(f"batch lane: cannot poll batch {batch_id}: {exc}; trying again")
             return None
+
+    async def _forget(self, record: BatchRecord, why: str) -> None:
+        """The provider will never answer this batch: its rows are free again, for another batch or online."""
+        self.records.mark_abandoned(record.local_id, why)
+        self.budget.settle(record.local_id)
+        self.progress.message(f"batch lane: {why}; its {record.rows} rows are sent again")
+        if record.local_id not in self.pulled:
+            await self.give_back(self.requests_for(set(self.records.ids(record.local_id).to_pylist())))
 
     async def _pull_back(self) -> None:
         deadline = self.settings.deadline
@@ -243,10 +260,14 @@ class LaneManager:
                                 self.settings.margin_seconds):
             record = self.records.get(key)
             self.pulled.add(key)
-            if record.provider_id is not None:
-                await self.client.cancel(self.session, self.target.endpoint, record.provider_id)
             self.progress.message(f"batch lane: the deadline needs {record.rows} rows of batch {record.provider_id} "
                                   "online now")
+            if record.provider_id is not None:
+                try:
+                    await self.client.cancel(self.session, self.target.endpoint, record.provider_id)
+                except ProviderError as exc:
+                    self.progress.message(f"batch lane: cannot cancel batch {record.provider_id} ({exc}); a line "
+                                          "it answers late is a second answer")
             await self.release(self.requests_for(set(self.records.ids(key).to_pylist())))
 
     # --- collecting ----------------------------------------------------------------------------------------------
@@ -411,6 +432,7 @@ async def start_lanes(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
     lanes = LaneManager(plan, target, api, session, sink, BatchRecords(job.output.path), settings, tally,
                         progress, checker, answered, budget, allow_online="online" in run.lanes)
     lanes.old_parts = resume.old_parts
+    lanes.ephemeral = job.provider_of(job.models[0]).base_url == SIM_BASE_URL
     ids = report.ids
     if ids is None:
         return lanes

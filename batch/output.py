@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batch.attempts import ATTEMPTS_DIR
+from batch.batch_records import BATCHES_DIR, BatchRecords
+from batch.catalog import SIM_BASE_URL
 from batch.errors import OutputError
 from batch.job import Job
 from batch.lock import LOCK_FILE
@@ -36,8 +38,9 @@ from batch.store import MANIFEST, RESULTS_DIR, Ledger, part_files, read_manifest
 _PART_TEMPS = (".part-",)  # hidden temporary and damaged part files
 
 
-def delete_previous(out: Path) -> None:
-    """--fresh: delete what batch wrote in ``out``, and only in an output batch made."""
+def delete_previous(out: Path, embedded: frozenset[str] = frozenset()) -> None:
+    """--fresh: delete what batch wrote in ``out``, and only in an output batch made. ``embedded``: the
+    job's providers that are the embedded simulator, whose batches ended with their run."""
     if not out.exists():
         return
     if read_manifest(out) is None:
@@ -45,6 +48,7 @@ def delete_previous(out: Path) -> None:
             raise OutputError(f"{out}: --fresh deletes only outputs batch made, and there is no {MANIFEST} here; "
                               f"nothing was deleted. Delete {out / RESULTS_DIR} yourself if it is yours to lose")
         return
+    _delete_batch_records(out, embedded)
     for folder in (out / RESULTS_DIR, out / ATTEMPTS_DIR):
         for path in [*part_files(folder), *(p for p in _listing(folder) if p.name.startswith(_PART_TEMPS))]:
             path.unlink(missing_ok=True)
@@ -53,6 +57,22 @@ def delete_previous(out: Path) -> None:
     for path in _listing(out):
         if path.name in (MANIFEST, STATS_FILE) or path.name.startswith(JOURNAL_PREFIX):
             path.unlink(missing_ok=True)
+
+
+def _delete_batch_records(out: Path, embedded: frozenset[str]) -> None:
+    """--fresh forgets provider batches, but not ones a provider may still answer and bill: those are the
+    user's to collect (a run without --fresh) or to give up knowingly (deleting OUT/batches)."""
+    folder = out / BATCHES_DIR
+    if not folder.is_dir():
+        return
+    holding = [r for r in BatchRecords(out).records() if r.holds_rows and r.provider not in embedded]
+    if holding:
+        raise OutputError(f"{out}: {len(holding)} provider batches of an earlier run ({sum(r.rows for r in holding)} "
+                          f"rows) may still be answered, and billed: `batch status {out}` lists them. Run without "
+                          f"--fresh to collect them first, or delete {folder} to give them up. Nothing was deleted")
+    for path in _listing(folder):
+        path.unlink(missing_ok=True)
+    folder.rmdir()
 
 
 def _listing(directory: Path) -> list[Path]:
@@ -78,7 +98,7 @@ def prepare_output(job: Job, *, fresh: bool, force: bool) -> dict[str, Any]:
     """Check the output directory against this job; returns the manifest to continue."""
     out = job.output.path
     if fresh:
-        delete_previous(out)
+        delete_previous(out, frozenset(n for n, p in job.providers.items() if p.base_url == SIM_BASE_URL))
     if problem := output_problem(job, force=force):
         raise OutputError(problem)
     manifest = read_manifest(out)

@@ -19,7 +19,7 @@ import signal
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from batch.progress import Progress, Tally
 from batch.prompts import Request
@@ -83,6 +83,7 @@ class Pump:
         self.queue: asyncio.Queue[Request | object] = asyncio.Queue(maxsize=2 * self.workers)
         self._opened = {t.model: 0 for t in self.targets}
         self._signals = 0
+        self._lanes_task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         """Run reader, workers and monitor until the input is exhausted or the run stops."""
@@ -91,6 +92,7 @@ class Pump:
         workers = [asyncio.create_task(self.worker()) for _ in range(self.workers)]
         mon = asyncio.create_task(self.monitor())
         lanes = asyncio.create_task(self.lanes.run(self.queue)) if self.lanes is not None else None
+        self._lanes_task = lanes
         try:
             await self._supervise(read_task, workers)
             if lanes is not None and self.stop.collect_batches and not self.stop.hard:
@@ -129,6 +131,8 @@ class Pump:
             for req in self.lanes.early:  # given back by the batch lane before the workers started
                 await self.queue.put(req)
             await self.lanes.done.wait()  # rows batches give back come into the queue until then
+            if self._lanes_task is not None and self._lanes_task.done():
+                self._report_dead({self._lanes_task}, "the batch lane")
         for _ in range(self.workers):
             await self.queue.put(_DONE)
 
@@ -286,13 +290,13 @@ class Pump:
                 stop.request(f"cannot read input: {read_task.exception()}")
             self._report_dead(done - {read_task, waiter})
 
-    def _report_dead(self, finished: set[asyncio.Task[object]]) -> None:
-        """A worker that ended with an exception is a bug in batch: say so and stop (a resume redoes its row)."""
+    def _report_dead(self, finished: Iterable[asyncio.Task[Any]], what: str = "a worker") -> None:
+        """A task that ended with an exception is a bug in batch: say so and stop (a resume redoes its rows)."""
         for task in finished:
             if task.cancelled() or (exc := task.exception()) is None:
                 continue
-            self.progress.message("internal error: a worker stopped:\n" + "".join(traceback.format_exception(exc)))
-            self.stop.request(f"internal error in batch: a worker stopped ({type(exc).__name__}: {exc}); "
+            self.progress.message(f"internal error: {what} stopped:\n" + "".join(traceback.format_exception(exc)))
+            self.stop.request(f"internal error in batch: {what} stopped ({type(exc).__name__}: {exc}); "
                               "rows not yet written are redone when you rerun. Please report this.")
 
     async def _drop_unstarted(self, read_task: asyncio.Task[None], workers: int) -> None:

@@ -2,7 +2,7 @@
 simulator's Batch API, for deadlines of 10 minutes, 1 hour and 8 hours of *simulated* time: rows by lane,
 cost against what the same rows cost all online, wall time, and whether the deadline was kept.
 
-    .venv/bin/python bench/lanes.py                          # the three deadlines, OpenAI's Batch API (~10 min)
+    .venv/bin/python bench/lanes.py                          # three deadlines x three seeds, OpenAI (~25 min)
     .venv/bin/python bench/lanes.py --api openrouter --deadline 1h
     .venv/bin/python bench/lanes.py --scale 60 --online-rpm 1000
 
@@ -11,7 +11,8 @@ latency, the deadline) is divided by the scale and every rate multiplied by it, 
 8 h / scale of wall time (SCALES: x5 for 10 minutes, x20 for 1 hour, x240 for 8 hours; --scale sets one for all).
 At x240 the online lane's limit is more than this machine sends; after 8 hours it only answers the lines that
 failed, so only that tail's wall time is stretched. Batches take the simulator's default turnaround (log-normal, median 7 minutes, 90%
-within an hour: OpenRouter's published figures, WIRE-BATCH.md) and 1% of their lines fail. The online lane is
+within an hour: OpenRouter's published figures, WIRE-BATCH.md; a few take many hours, so each seed draws
+other turnarounds) and 1% of their lines fail. The online lane is
 held to --online-rpm by the simulator (per minute and per second), and the job's limit says the same.
 """
 
@@ -73,10 +74,11 @@ batch_rows = 5000
     return job
 
 
-def measure(api: str, name: str, rows: int, scale: float, online_rpm: int, failures: float) -> dict[str, object]:
+def measure(api: str, name: str, rows: int, scale: float, online_rpm: int, failures: float,
+            seed: int) -> dict[str, object]:
     deadline = DEADLINES[name]
     sim_args = ["--latency-ms", f"{1000 / scale:.2f}", "--requests-per-minute", str(int(online_rpm * scale)),
-                "--limit-window", "1", "--batch-line-failures", str(failures), "--seed", "3",
+                "--limit-window", "1", "--batch-line-failures", str(failures), "--seed", str(seed),
                 *(x for k, v in SIM_SECONDS.items() for x in (f"--batch-{k}-seconds", f"{v / scale:.4f}"))]
     tmp = Path(tempfile.mkdtemp(prefix="batch-lanes-"))
     try:
@@ -100,7 +102,7 @@ def measure(api: str, name: str, rows: int, scale: float, online_rpm: int, failu
                   + sum(table["billed_completion_tokens"].to_pylist()) * PRICE_OUT) / 1e6
     cost = float(summary["this_run"]["cost_usd"])  # every billed reply: answers, second answers, repairs
     return {
-        "api": api, "deadline": name, "rows": table.num_rows, "unique": len(set(table["id"].to_pylist())),
+        "api": api, "deadline": name, "seed": seed, "rows": table.num_rows, "unique": len(set(table["id"].to_pylist())),
         "batch_rows": lanes.count("batch"), "online_rows": lanes.count("online"),
         "second_answers": sum(x["second_answers"] for x in summary["lanes"].values()),
         "cost_usd": round(cost, 4), "all_online_usd": round(all_online, 4),
@@ -118,15 +120,17 @@ def main() -> None:
     ap.add_argument("--scale", type=float, help="simulated seconds per wall-clock second (default: SCALES)")
     ap.add_argument("--online-rpm", type=int, default=3000, help="the online lane's limit, per simulated minute")
     ap.add_argument("--line-failures", type=float, default=0.01)
+    ap.add_argument("--seeds", default="1,2,3", help="simulator seeds: each draws other batch turnarounds")
     ap.add_argument("--verbose", action="store_true", help="print the end of each run's log (its lane messages)")
     args = ap.parse_args()
     results = []
     for api in args.api or ["openai"]:
         for name in args.deadline or list(DEADLINES):
             scale = args.scale or SCALES[name]
-            results.append({**measure(api, name, args.rows, scale, args.online_rpm, args.line_failures),
-                            "scale": scale})
-            print(json.dumps(results[-1]), flush=True)
+            for seed in (int(x) for x in args.seeds.split(",")):
+                results.append({**measure(api, name, args.rows, scale, args.online_rpm, args.line_failures, seed),
+                                "scale": scale})
+                print(json.dumps(results[-1]), flush=True)
     cols = list(results[0])
     print(f"\n{args.rows} rows, online limit {args.online_rpm} rpm (simulated), {args.line_failures:.0%} of batch "
           "lines fail; times in simulated minutes")

@@ -109,6 +109,50 @@ def test_kill_9_after_a_submission_or_while_polling_never_submits_a_line_twice(t
     assert stats["cost_usd"].sum() == pytest.approx(df["cost_usd"].sum(), rel=1e-6)  # each line billed once
 
 
+def test_batches_a_provider_no_longer_knows_are_given_up_and_their_rows_sent_again(tmp_path: Path,
+                                                                                 sim_factory: Factory) -> None:
+    """kill -9 with batches in flight; --fresh then refuses (they may still be billed) and deletes nothing; a
+    rerun against a provider that does not know them (another base_url, a restarted server) gives them up
+    and answers their rows, once each."""
+    slow = sim_factory(batch_validating_seconds=0.2, batch_median_seconds=60.0, batch_spread=0.0)
+    job = lanes_job(tmp_path, slow, 1200, "openai", deadline="300s", run={"batch_expected_seconds": 30})
+    proc = subprocess.Popen([sys.executable, "-m", "batch", "run", str(job), "--quiet"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while sum(submitted(slow).values()) < 1200:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    time.sleep(0.3)  # the records say "submitted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    fresh = run_cli("run", str(job), "--fresh", "--quiet")
+    assert fresh.returncode == 2 and "may still be answered, and billed" in fresh.stderr, fresh.stderr
+    assert "batch status" in fresh.stderr and (tmp_path / "out" / "batches").is_dir()
+    other = sim_factory(**FAST)
+    job.write_text(job.read_text().replace(slow.base_url, other.base_url))
+    proc2 = run_cli("run", str(job), "--quiet", timeout=120)
+    assert proc2.returncode == 0, proc2.stderr
+    assert "the provider has no batch" in proc2.stderr
+    df = results(tmp_path)
+    assert len(df) == 1200 and df["id"].is_unique and (df["status"] == "ok").all()
+
+
+def test_the_embedded_simulators_batches_end_with_its_run(tmp_path: Path) -> None:
+    """provider "sim" runs in the batch process: batches it still holds at the end (pulled back for the
+    deadline) are given up, so no later run waits for them and --fresh starts over."""
+    job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(400)),
+                    models=[{"provider": "sim", "model": MODEL, "requests_per_minute": 60_000}],
+                    run={"lanes": ["batch", "online"], "deadline": "12s", "online_rows_per_second": 100,
+                         "batch_expected_seconds": 1, "batch_poll_seconds": 0.25, "batch_rows": 200},
+                    sim={"batch_validating_seconds": 0.2, "batch_median_seconds": 60, "batch_spread": 0.0})
+    proc = run_cli("run", str(job), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    status = orjson.loads(run_cli("status", str(tmp_path / "out"), "--json").stdout)["batches"]
+    assert status and all(b["state"] == "abandoned" for b in status)
+    again = run_cli("run", str(job), "--fresh", "--quiet")
+    assert again.returncode == 0, again.stderr
+
+
 def test_the_cost_cap_covers_batches_in_flight(tmp_path: Path, sim_factory: Factory) -> None:
     """max_cost_usd counts a batch's worst case from submission to collection: the batches the cap has room
     for are submitted, the rest go online until the cap; then the run stops spending but still collects the
