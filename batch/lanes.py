@@ -28,29 +28,27 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from batch.answers import Checker
 from batch.budget import Budget
 from batch.batch_api import BatchClient, batch_failure, client_for
 from batch.batch_records import BatchRecord, BatchRecords
 from batch.batch_wire import BATCH_NOT_FOUND, BatchInfo, SubmitUnknownError
-from batch.catalog import FLEX_PRICE_FACTOR, SIM_BASE_URL
+from batch.catalog import FLEX_PRICE_FACTOR
 from batch.errors import ProviderError
-from batch.lane_plan import Outstanding, margin_for, may_submit, parse_deadline, to_pull_back
-from batch.plan import Plan, ScanReport
+from batch.lane_plan import Outstanding, may_submit, to_pull_back
+from batch.plan import Plan, requests_of
 from batch.progress import Progress, Tally, money
 from batch.prompts import Request
 from batch.provider import Reply
 from batch.result import error_result, result_row
 from batch.sinks import Sink
 from batch.stats import BATCH_LANE_SUFFIX, ModelStats
-from batch.store import Ledger, ids_answered_by
+from batch.store import ids_answered_by
 from batch.target import Target
 
 if TYPE_CHECKING:
-    from batch.job import Job
-    from batch.output import Resume
+    pass
 
 BATCH_PRICE_FACTOR = FLEX_PRICE_FACTOR  # batch lines are billed at half the chat price (WIRE-BATCH.md A7, B4)
 MAX_BATCH_TRIES = 2  # batches a row may go to; then online (or, batch only, an error row)
@@ -394,58 +392,4 @@ class LaneManager:
 
     def requests_for(self, ids: set[str]) -> list[Request]:
         """The Requests of these rows, built from the input again (one read for a whole set)."""
-        if not ids:
-            return []
-        plan, found = self.plan, []
-        value_set = pa.array(sorted(ids), pa.string())
-        for batch in plan.batches(on_bad_line=lambda n, m: None):
-            row_ids = plan.builder.ids(batch)
-            mask = pc.invert(pc.is_in(pa.array(row_ids, pa.string()), value_set=value_set)).to_pylist()
-            if all(mask):
-                continue
-            parts = self.old_parts.slice(batch.start, batch.size).to_pylist() if self.old_parts is not None else None
-            for r in plan.builder.build(batch, row_ids, mask):
-                if r.problem is None:
-                    part = parts[r.row - batch.start] if parts is not None else -1
-                    found.append(r if part < 0 else r._replace(replaces=part))
-        return found
-
-
-async def start_lanes(job: Job, plan: Plan, report: ScanReport, resume: Resume, target: Target,
-                      session: aiohttp.ClientSession, sink: Sink, tally: Tally, progress: Progress,
-                      checker: Checker | None, budget: Budget) -> LaneManager | None:
-    """The batch lane for this run's first model: reattached, the rows still to do submitted, and the
-    rows its batches hold added to what the pump skips. None when the provider has no Batch API."""
-    api = job.provider_of(job.models[0]).batch_api
-    if api is None:
-        progress.message(f"batch lane: provider {target.provider!r} has no Batch API batch knows (set "
-                         "batch_api in its [providers] table); every row goes online")
-        return None
-    run = job.run
-    now = time.time()
-    deadline = parse_deadline(run.deadline, now) if run.deadline else None
-    settings = LaneSettings(deadline=deadline, rows_per_second=online_pace(job),
-                            expected_seconds=run.batch_expected_seconds, poll_seconds=run.batch_poll_seconds,
-                            batch_rows=run.batch_rows, margin_seconds=margin_for(deadline, now) if deadline else 0.0)
-    ledger = Ledger.read(job.output.path)
-    answered = pc.filter(ledger.ids, pc.equal(ledger.status, "ok")) if len(ledger.ids) else ledger.ids
-    lanes = LaneManager(plan, target, api, session, sink, BatchRecords(job.output.path), settings, tally,
-                        progress, checker, answered, budget, allow_online="online" in run.lanes)
-    lanes.old_parts = resume.old_parts
-    lanes.ephemeral = job.provider_of(job.models[0]).base_url == SIM_BASE_URL
-    ids = report.ids
-    if ids is None:
-        return lanes
-    skipped = resume.done_mask if resume.done_mask is not None else pa.array([False] * len(ids))
-    todo = pc.filter(ids, pc.invert(pc.or_(skipped, pc.is_in(ids, value_set=lanes.held()))))
-    await lanes.start(todo)
-    resume.done_mask = pc.or_(skipped, pc.is_in(ids, value_set=lanes.held())).combine_chunks()
-    return lanes
-
-
-def online_pace(job: Job) -> float:
-    """Rows per second the online lane can answer, to plan with: the job's, else the first model's limit."""
-    if job.run.online_rows_per_second:
-        return job.run.online_rows_per_second
-    rpm = job.models[0].requests_per_minute
-    return rpm / 60 if rpm else float(job.run.concurrency)  # no limit: about one row per slot per second
+        return requests_of(self.plan, self.old_parts, ids)

@@ -318,3 +318,22 @@ def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
+
+def requests_of(plan: Plan, old_parts: pa.Array | None, ids: set[str]) -> list[Request]:
+    """The Requests of these rows, built from the input again (one read for a whole set); a redone row
+    (--retry-*) carries the part holding its old result."""
+    if not ids:
+        return []
+    found = []
+    value_set = pa.array(sorted(ids), pa.string())
+    for batch in plan.batches(on_bad_line=lambda n, m: None):
+        row_ids = plan.builder.ids(batch)
+        mask = pc.invert(pc.is_in(pa.array(row_ids, pa.string()), value_set=value_set)).to_pylist()
+        if all(mask):
+            continue
+        parts = old_parts.slice(batch.start, batch.size).to_pylist() if old_parts is not None else None
+        for r in plan.builder.build(batch, row_ids, mask):
+            if r.problem is None:
+                part = parts[r.row - batch.start] if parts is not None else -1
+                found.append(r if part < 0 else r._replace(replaces=part))
+    return found

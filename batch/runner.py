@@ -46,7 +46,7 @@ from batch.sinks import Sink, result_schema
 from batch.spend import SpendJournal
 from batch.stats import Usage, append_stats, stats_rows
 from batch.batch_records import BatchRecords
-from batch.lanes import start_lanes
+from batch.lane_start import start_lanes
 from batch.stats import ModelStats
 from batch.store import Ledger, error_rows, write_manifest
 from batch.targets import build_targets, check_models
