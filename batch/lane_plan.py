@@ -86,9 +86,10 @@ def may_submit(now: float, deadline: float, *, cancellable: bool, expected_secon
 
 
 def to_pull_back(now: float, deadline: float, rows_per_second: float, backlog: int,
-                 batches: Sequence[Outstanding], margin: float = MARGIN_SECONDS) -> list[str]:
-    """The batches whose rows must go online now (newest first), just enough that the rest fits."""
-    capacity = online_capacity(now, deadline, rows_per_second, backlog, margin)
+                 batches: Sequence[Outstanding], margin: float = MARGIN_SECONDS, lookahead: float = 0.0) -> list[str]:
+    """The batches whose rows must go online now (newest first), just enough that the rest fits. ``lookahead``:
+    seconds to the next chance to pull back (the poll interval); the rest must still fit then."""
+    capacity = online_capacity(now + lookahead, deadline, rows_per_second, backlog, margin)
     owed = sum(b.rows_owed for b in batches)
     pulled = []
     for b in sorted(batches, key=lambda b: (b.cancellable is False, -b.submitted_at)):

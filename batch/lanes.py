@@ -141,8 +141,10 @@ class LaneManager:
         running = self.records.pending().running
         if not running:
             return ""
-        owed = sum(r.rows - (r.request_counts or {}).get("completed", 0) for r in running)
-        return f"{len(running)} batches in flight, {owed} rows owed"
+        waited = [r for r in running if r.local_id not in self.pulled]  # pulled back: their rows are online now
+        owed = sum(r.rows - (r.request_counts or {}).get("completed", 0) for r in waited)
+        pulled = f" ({len(running) - len(waited)} pulled back online)" if len(waited) < len(running) else ""
+        return f"{len(running)} batches in flight{pulled}, {owed} rows owed"
 
     # --- submitting --------------------------------------------------------------------------------------------
 
@@ -255,7 +257,7 @@ class LaneManager:
                             self.client.api == "openai", r.created_at) for r in running]
         backlog = self.queue.qsize() if self.queue is not None else 0
         for key in to_pull_back(time.time(), deadline, self.settings.rows_per_second, backlog, owed,
-                                self.settings.margin_seconds):
+                                self.settings.margin_seconds, lookahead=self.settings.poll_seconds):
             record = self.records.get(key)
             self.pulled.add(key)
             self.progress.message(f"batch lane: the deadline needs {record.rows} rows of batch {record.provider_id} "
@@ -337,8 +339,7 @@ class LaneManager:
                             cost=cost, cost_source=source, lane="batch",
                             batch_id=batch_id, billed=(reply.prompt_tokens, reply.completion_tokens))
         self.sink.add(result, req.replaces)
-        self.tally.done += 1
-        self.tally.ok += 1
+        self.tally.count(True, req.replaces)
         return billed
 
     # --- giving rows back ----------------------------------------------------------------------------------------
@@ -375,8 +376,7 @@ class LaneManager:
             result = error_result(req, error.kind, str(error), attempts=self.tries.get(req.id, 1), level=0,
                                   model=self.target.model, charged=req.carried[0], billed=req.carried[1:])
             self.sink.add(result._replace(lane="batch"), req.replaces)
-            self.tally.done += 1
-            self.tally.errors += 1
+            self.tally.count(False, req.replaces)
 
     async def release(self, requests: Iterable[Request]) -> None:
         for req in requests:

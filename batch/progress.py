@@ -35,6 +35,16 @@ class Tally:
     errors: int = 0
     cost_usd: float = 0.0  # billed this run so far, answered or not (the monitor sums the models' stats)
 
+    def count(self, ok: bool, replaces: int) -> None:
+        """One row finished, by either lane; ``replaces`` >= 0: it replaces an older result of the same id."""
+        self.done += 1
+        if replaces < 0:  # a redone row replaces its old result: the dataset has no more rows for it
+            self.new += 1
+        if ok:
+            self.ok += 1
+        else:
+            self.errors += 1
+
 
 def money(usd: float) -> str:
     """Dollars as the progress display and the summary both show them, so the two can be compared."""

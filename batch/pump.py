@@ -184,13 +184,7 @@ class Pump:
         sink.add(result, replaces)
         if sink.backlogged:
             await sink.drain_writer()
-        tally.done += 1
-        if replaces < 0:  # a redone row replaces its old result: the dataset has no more rows for it
-            tally.new += 1
-        if result.status == "ok":
-            tally.ok += 1
-        else:
-            tally.errors += 1
+        tally.count(result.status == "ok", replaces)
 
     async def monitor(self) -> None:
         while True:

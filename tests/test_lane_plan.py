@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from batch.lane_plan import (MARGIN_SECONDS, Outstanding, margin_for, may_submit, online_capacity, parse_deadline,
@@ -83,3 +83,26 @@ class TestParseDeadline:
     def test_unreadable_says_what_is_accepted(self, text: str) -> None:
         with pytest.raises(ValueError, match="time of day|ISO time|duration"):
             parse_deadline(text, NOW)
+
+
+@given(batches, st.floats(1, 30_000), st.floats(0.1, 500), st.floats(0.2, 900))
+def test_batches_that_never_finish_are_pulled_back_in_time_between_polls(owed: list[Outstanding], left: float,
+                                                                        pace: float, poll: float) -> None:
+    """The pull-back is decided only at each poll: looking ahead one poll, rows of batches that never answer
+    still finish online before the deadline's margin, whenever they could at the first poll (the bench's 10 m
+    run once missed its deadline by pulling back one 30 s poll too late)."""
+    assume(left / poll < 2000)  # polls in a run, for the test's speed
+    deadline, margin = NOW + left, margin_for(NOW + left, NOW)
+    if sum(b.rows_owed for b in owed) > online_capacity(NOW + poll, deadline, pace, 0, margin):
+        return  # not feasible from the start: everything is pulled back at once
+    t, backlog, pulled = NOW, 0.0, set()
+    finished = NOW
+    while t < deadline and len(pulled) < len(owed):
+        waiting = [b for b in owed if b.key not in pulled]
+        for key in to_pull_back(t, deadline, pace, int(backlog), waiting, margin, lookahead=poll):
+            pulled.add(key)
+            backlog += next(b.rows_owed for b in owed if b.key == key)
+            finished = t + backlog / pace  # the online lane at its pace, from this poll on
+        backlog = max(0.0, backlog - pace * poll)
+        t += poll
+    assert finished <= deadline - margin + 1 / pace

@@ -4,6 +4,7 @@ once across lanes and crashes. Every test runs the real CLI against the simulato
 from __future__ import annotations
 
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -222,3 +223,15 @@ def test_batch_status_shows_the_batches_without_running(tmp_path: Path, sim_fact
     status = orjson.loads(proc.stdout)
     assert len(status["batches"]) >= 3 and all(b["state"] == "collected" for b in status["batches"])
     assert sum(b["rows"] for b in status["batches"]) >= 900 and sim.counters.requests == before
+
+
+def test_the_progress_line_counts_rows_the_batch_lane_answered(tmp_path: Path, sim_factory: Factory) -> None:
+    """Numbers on screen agree: in a fresh run every finished row is a new row of the dataset, whichever lane
+    answered it (the dataset count once stayed at 0 while batches answered thousands of rows)."""
+    sim = sim_factory(**{**FAST, "batch_spread": 0.5}, seed=3)  # batches end one by one
+    job = lanes_job(tmp_path, sim, 1200, "openai", run={"batch_rows": 200})
+    proc = run_cli("run", str(job), env={"BATCH_PROGRESS_SECONDS": "0.2"})
+    assert proc.returncode == 0, proc.stderr
+    frames = [(int(m[1]), int(m[2])) for m in re.finditer(r"\] (\d+)/1200 rows .*?this run: (\d+) rows", proc.stderr)]
+    assert len(frames) >= 3 and any(run for _, run in frames[:-1])
+    assert all(dataset == run for dataset, run in frames), frames
