@@ -116,6 +116,19 @@ class Attempts:
         )
 
     @property
+    def arrivals_down_chain(self) -> Bools:
+        """A row's first attempt (per run) at a model down its chain: a fallback, whether the model above
+        failed it or was skipped (breaker open, gone) without an attempt. A cache hit there is not one."""
+        sent = (self.level > 0) & ~self.lane.mask("cache")
+        first = np.zeros(self.n, bool)
+        if sent.any():
+            index = np.flatnonzero(sent)
+            ids = Category.of(self.ids.take(index)).codes
+            triples = np.stack([self.run.codes[index], ids, self.model.codes[index]], axis=1)
+            first[index[np.unique(triples, axis=0, return_index=True)[1]]] = True
+        return first
+
+    @property
     def failed(self) -> Bools:
         """Attempts that did not give an accepted answer and were not a 429 (those are counted apart)."""
         return ~self.outcome.mask("ok", "rate_limited", None)

@@ -155,33 +155,21 @@ def attempt_totals(a: Attempts) -> dict[str, Any]:
     online = a.lane.mask("online")
     limited = a.outcome.mask("rate_limited")
     fallback = a.then.mask("fallback")
+    arrived = a.arrivals_down_chain
     return {
         "attempts": a.n, "by_lane": a.lane.count(), "cache_hits": a.lane.count().get("cache", 0),
         "requests": int(online.sum()), "requests_by_model": a.model.count(online),
         "rate_limited": int(limited.sum()), "rate_limited_by_model": a.model.count(limited),
         "errors": int(a.failed.sum()), "errors_by_type": a.outcome.count(a.failed),
         "errors_by_model": a.model.count(a.failed),
-        "fallbacks": int(fallback.sum()), "fallbacks_from_model": a.model.count(fallback),
-        "fallbacks_in_by_model": _fallbacks_in(a),
+        "fallbacks": int(arrived.sum()), "fallbacks_from_model": a.model.count(fallback),
+        "fallbacks_in_by_model": a.model.count(arrived),
         "repairs": int(a.then.mask("repair").sum()),
         "rows_finished": a.then.count(a.then.mask("done", "failed")),
         "cost_usd": float(a.cost_usd.sum()), "cost_by_model": a.model.sum(a.cost_usd),
         "prompt_tokens": int(a.prompt_tokens.sum()), "completion_tokens": int(a.completion_tokens.sum()),
         "then": a.then.count(),
     }
-
-
-def _fallbacks_in(a: Attempts) -> dict[str, int]:
-    """Rows that reached a model down their chain (level > 0), once per row, run and model."""
-    sent = (a.level > 0) & ~a.lane.mask("cache")  # a cache hit further down is not a fallback
-    if not sent.any():
-        return {}
-    index = np.flatnonzero(sent)
-    ids = Category.of(a.ids.take(index)).codes
-    triples = np.stack([a.run.codes[index], ids, a.model.codes[index]], axis=1)
-    distinct = np.unique(triples, axis=0)
-    counts = np.bincount(distinct[:, 2], minlength=len(a.model.labels))
-    return {str(a.model.labels[i]): int(c) for i, c in enumerate(counts.tolist()) if c}
 
 
 def error_table(kind: Category, message: Category, ids: Any, where: Bools) -> list[dict[str, Any]]:

@@ -45,12 +45,12 @@ def timeline(a: Attempts, runs: list[dict[str, Any]]) -> dict[str, Any]:
     drawn = sorted(spans, key=lambda c: (order.get(a.run.labels[c] or "", len(order)), spans[c][0]))
     cost_of_run = {a.run.labels[c]: float(v) for c, v in
                    enumerate(np.bincount(a.run.codes, weights=a.cost_usd, minlength=len(a.run.labels)))}
-    out = []
+    out, arrived = [], a.arrivals_down_chain  # once: it sorts every attempt
     for code in drawn[-MAX_RUNS_DRAWN:]:
         run_id = a.run.labels[code] or "(none)"
         entry = runs[order[run_id]] if run_id in order else {}
         before = _cost_before(runs, order.get(run_id, len(runs)), cost_of_run)
-        out.append(_run_series(a, code, spans[code][0], width, entry, before))
+        out.append(_run_series(a, code, spans[code][0], width, entry, before, arrived))
     return {"bucket_seconds": width, "untimed_attempts": int((~a.timed).sum()),
             "runs_not_drawn": [a.run.labels[c] for c in drawn[:-MAX_RUNS_DRAWN]], "runs": out}
 
@@ -61,7 +61,7 @@ def _cost_before(runs: list[dict[str, Any]], index: int, cost_of_run: dict[str |
 
 
 def _run_series(a: Attempts, code: int, first_us: int, width: int, entry: dict[str, Any],
-                before: float) -> dict[str, Any]:
+                before: float, arrived: Bools) -> dict[str, Any]:
     start_us = first_us // (width * US) * (width * US)  # bucket edges on round clock times
     here = a.timed & (a.run.codes == code)
     index = np.zeros(a.n, np.int64)
@@ -79,7 +79,7 @@ def _run_series(a: Attempts, code: int, first_us: int, width: int, entry: dict[s
         "rate_limited": _by(a.model, index, here & a.outcome.mask("rate_limited"), buckets),
         "errors": _by(a.model, index, here & a.failed, buckets),
         "errors_by_type": _by(a.outcome, index, here & a.failed, buckets),
-        "fallbacks": _counts(index, here & a.then.mask("fallback"), buckets),
+        "fallbacks": _counts(index, here & arrived, buckets),
         "cache_hits": _counts(index, here & a.lane.mask("cache"), buckets),
         "cost_usd": [round(x, 10) for x in np.bincount(index[here], weights=a.cost_usd[here],
                                                        minlength=buckets).tolist()],

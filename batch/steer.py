@@ -10,11 +10,14 @@
   answers. Then the whole model pauses for the advised wait and, without a
   stated limit, its rate is cut, once per episode, to what the provider
   demonstrably admitted in the last seconds: repeated cuts cannot compound
-  below that.
+  below that. A 429 stating the very limit we already keep (or more) means
+  the provider counts it over a shorter window too, where it holds a little
+  less (500 rpm counted per second admits 8 a second, 480 a minute): the rate
+  is trimmed 3% per episode and probes back up slowly.
 - A scattered 429 without such evidence (an upstream provider of OpenRouter
   was busy) says nothing of our rate: only its row waits, as advised.
 - After 429s stop, the rate climbs back to the limit found within seconds,
-  then probes beyond it slowly (a job limit far above the real one must not
+  then probes beyond it slowly (never past a stated limit) (a job limit far above the real one must not
   mean a 429 storm every minute), up to the ceiling.
 """
 
@@ -46,7 +49,6 @@ class Steering:
         self.limiter = limiter
         self.clock = clock or limiter.clock
         self.ceiling: dict[str, float | None] = {"requests": requests_per_minute, "tokens": tokens_per_minute}
-        self.stated: set[str] = set()  # budgets whose limit the provider stated: no probing beyond them
         self.found: dict[str, float] = {}  # the limit measured when 429s clustered
         self.ring: deque[list[float]] = deque()  # [second, answered, tokens, scattered 429s]
         self.last_evidence = -1e9
@@ -87,7 +89,10 @@ class Steering:
         self.last_evidence = now
         if limit_requests or limit_tokens:
             for which, limit in (("requests", limit_requests), ("tokens", limit_tokens)):
-                if limit:
+                current = self.limiter.gate.limit(which)
+                if limit and new_episode and current is not None and current <= limit and scope in (None, which):
+                    self._trim(which, current)  # refused at or under its stated limit: a shorter window holds less
+                elif limit:
                     self._adopt(which, limit)
         elif new_episode:
             for which in BUDGETS:
@@ -124,16 +129,22 @@ class Steering:
             new = self.found[which] / 2
         self.limiter.set_limit(which, max(1.0, new))
 
+    def _trim(self, which: str, current: float) -> None:
+        """A few percent below the rate that was refused: what a shorter window holds is a little less than the
+        stated limit, and the stated limit is all that is known (what was admitted in the last seconds says
+        less: a slow start or a pause lowers it)."""
+        self.found[which] = current * ADMITTED_MARGIN
+        self.limiter.set_limit(which, max(1.0, self.found[which]))
+
     def _adopt(self, which: str, limit: float) -> None:
         """A limit the provider stated is the ceiling, and the rate when ours is higher."""
-        self.stated.add(which)
         ceiling = self.ceiling[which]
         if ceiling is None or limit < ceiling:
             self.ceiling[which] = limit
+            self.found.pop(which, None)  # measured under a higher limit: no longer what holds
         current = self.limiter.gate.limit(which)
         if current is None or current > limit:
             self.limiter.set_limit(which, limit)
-        self.found.pop(which, None)
 
     def _recover(self) -> None:
         """After a calm spell: back to the limit found quickly, beyond it slowly, never past the ceiling."""
@@ -149,7 +160,7 @@ class Steering:
             found = self.found.get(which)
             if found is not None and current < found:
                 new = min(found, current + RECOVER_PER_SECOND * found)
-            elif found is not None and which not in self.stated and (now - self.last_evidence) % PROBE_EVERY < 1.0:
+            elif found is not None and (now - self.last_evidence) % PROBE_EVERY < 1.0:
                 new = current + PROBE_STEP * found
             elif found is None and ceiling is not None and current < ceiling:
                 new = current + RECOVER_PER_SECOND * ceiling

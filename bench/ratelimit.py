@@ -45,6 +45,9 @@ SCENARIOS = [
     Scenario("rpm-1x", "requests", 1200, 1.0),
     Scenario("rpm-2x", "requests", 1200, 2.0),
     Scenario("rpm-2x-bare", "requests", 1200, 2.0, "bare"),
+    # 500 rpm counted per second admits 8 a second (480 a minute): the stated limit is more than the provider holds
+    Scenario("rpm500-1x", "requests", 500, 1.0),
+    Scenario("rpm500-1.2x", "requests", 500, 1.2),
     Scenario("tpm-1x", "tokens", 60_000, 1.0),
     Scenario("tpm-2x", "tokens", 60_000, 2.0),
     Scenario("tpm-2x-bare", "tokens", 60_000, 2.0, "bare"),

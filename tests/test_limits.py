@@ -237,6 +237,29 @@ class TestSteering:
             s.answered(10)
         assert s.limiter.gate.limit("requests") == 1000
 
+    def test_429s_stating_the_limit_we_keep_cut_and_headers_do_not_undo_it(self) -> None:
+        """500 rpm counted per second admits 8 a second: 429s that say "Limit 500" while we keep 500 trim the
+        rate, and the same limit stated again on every answer does not climb back into them (it
+        once did: 36% of requests were 429s); probing goes no further than the stated limit."""
+        s, now = self.steer(500)
+        for i in range(80):  # 10 s at 480 rpm
+            now[0] = 1000.0 + i * 0.125
+            s.answered(10)
+            s.observe(500, None, 100, None, 1.0, None)
+        s.rate_limited(0.1, evidence=True, scope="requests", limit_requests=500, limit_tokens=None)
+        cut = s.limiter.gate.limit("requests")
+        assert cut is not None and cut < 0.98 * 500
+        for i in range(1, 40):  # 10 calm seconds, headers stating 500 on every answer
+            now[0] += 0.25
+            s.answered(10)
+            s.observe(500, None, 100, None, 1.0, None)
+        limit = s.limiter.gate.limit("requests")
+        assert limit is not None and cut <= limit < 0.99 * 500
+        for _ in range(600):
+            now[0] += 1.0
+            s.answered(10)
+        assert s.limiter.gate.limit("requests") == 500
+
     def test_discovers_a_limit_it_was_never_told(self) -> None:
         """A model with no configured limit gets one from a cluster of 429s."""
         s, now = self.steer()
