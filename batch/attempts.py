@@ -11,7 +11,9 @@ for a cache hit), lane (online | cache | batch), provider, model, level (the
 model's place in the row's chain), started (UTC), latency_ms, status (HTTP,
 null when no response came), outcome (``ok`` or an error type), prompt_tokens,
 completion_tokens, cost_usd (billed for this attempt), then (done | retry |
-wait | repair | fallback | failed | stopped), error_message.
+wait | repair | fallback | failed | stopped | second_answer: a batch line for a
+row another lane answered first), error_message. A batch line's ``started`` is
+when it was collected and its latency is null.
 
 Workers only append to per-column lists (about a microsecond per attempt,
 measured in bench/overhead.py); Arrow conversion and the write happen per
@@ -29,7 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch.atomic import replacing
+from batch.batch_lines import LineResult
 from batch.store import next_part_number, part_path
+from batch.target import Target
 
 ATTEMPTS_DIR = "attempts"
 ATTEMPT_SCHEMA = pa.schema([
@@ -70,6 +74,17 @@ class AttemptLog:
             append(value)
         if len(self.columns["id"]) >= FLUSH_ATTEMPTS:
             self.flush()
+
+    def add_batch_line(self, row_id: str, attempt: int, target: Target, line: LineResult,
+                       billed: tuple[float, int, int], then: str) -> None:
+        """One line of a provider batch, as it is collected: ``started`` is the collection time (when the row
+        finished), latency is null (a batch's turnaround is in its record, not a request's latency)."""
+        error = line.error
+        outcome = (error.kind if error is not None else "bad_response" if line.reply is None
+                   else "invalid_output" if then == "repair" else "ok")
+        self.add(row_id, attempt, "batch", target.provider, target.model, 0, time.time(), None,
+                 error.status if error is not None else 200, outcome, billed[1], billed[2], billed[0], then,
+                 str(error) if error is not None else None)
 
     def flush_if_due(self) -> None:
         if self.columns["id"] and time.monotonic() - self._last_flush >= self.flush_seconds:

@@ -42,6 +42,8 @@ def run_status(args: argparse.Namespace) -> int:
         when = datetime.fromtimestamp(r.created_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         print(f"{r.local_id:10} {r.provider_id or '-':38} {r.model:28} {r.state:10} {r.status or '-':11} "
               f"{r.rows:6} {counts.get('completed', 0):6} {counts.get('failed', 0):6}  {when}")
+        if r.reason or r.error:  # why it was given up, or why the provider failed it
+            print(f"{'':10} {r.state}: {r.reason or r.error}")
     holding = [r for r in records if r.holds_rows]
     print(f"\n{len(holding)} batches hold {sum(r.rows for r in holding)} rows; a run collects them "
           "(rerun the job to reattach to those still in flight)" if holding else "\nno batch holds rows")

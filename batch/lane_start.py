@@ -27,13 +27,14 @@ from batch.store import Ledger
 from batch.target import Target
 
 if TYPE_CHECKING:
+    from batch.attempts import AttemptLog
     from batch.job import Job
     from batch.output import Resume
 
 
 async def start_lanes(job: Job, plan: Plan, report: ScanReport, resume: Resume, target: Target,
                       session: aiohttp.ClientSession, sink: Sink, tally: Tally, progress: Progress,
-                      checker: Checker | None, budget: Budget) -> LaneManager | None:
+                      checker: Checker | None, budget: Budget, log: AttemptLog | None = None) -> LaneManager | None:
     """The batch lane for this run's first model: reattached, the rows still to do submitted, and the
     rows its batches hold added to what the pump skips. None when the provider has no Batch API."""
     api = job.provider_of(job.models[0]).batch_api
@@ -53,6 +54,7 @@ async def start_lanes(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
                         progress, checker, answered, budget, allow_online="online" in run.lanes)
     lanes.old_parts = resume.old_parts
     lanes.ephemeral = job.provider_of(job.models[0]).base_url == SIM_BASE_URL
+    lanes.log = log
     ids = report.ids
     if ids is None:
         return lanes

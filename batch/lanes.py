@@ -48,6 +48,7 @@ from batch.store import ids_answered_by
 from batch.target import Target
 
 if TYPE_CHECKING:
+    from batch.attempts import AttemptLog
     pass
 
 BATCH_PRICE_FACTOR = FLEX_PRICE_FACTOR  # batch lines are billed at half the chat price (WIRE-BATCH.md A7, B4)
@@ -87,6 +88,7 @@ class LaneManager:
         self.last_error: dict[str, ProviderError] = {}
         self.budget = budget  # max_cost_usd: a batch holds its worst case from submission to collection
         self.ephemeral = False  # the embedded simulator's batches, which end with the run
+        self.log: AttemptLog | None = None  # the attempt log, one row per batch line collected
         self.spending = True  # false after a budget stop: batches in flight are collected, nothing new is sent
         self.written: set[str] = set()  # rows an interrupted collection already wrote: not second answers
         self.done = asyncio.Event()
@@ -202,9 +204,13 @@ class LaneManager:
                     await asyncio.sleep(self.settings.poll_seconds)
         finally:
             if self.ephemeral:  # its batches end with this run's simulator: no later run can collect them
-                for record in self.records.records():
-                    if record.holds_rows:
-                        self.records.mark_abandoned(record.local_id, "the embedded simulator ended with its run")
+                ended = [r for r in self.records.records() if r.holds_rows]
+                for record in ended:
+                    self.records.mark_abandoned(record.local_id, "the embedded simulator ended with its run")
+                if ended:
+                    self.progress.message(f"batch lane: {len(ended)} batch(es) of the embedded simulator end with "
+                                          f"this run; a rerun sends their {sum(r.rows for r in ended)} rows again "
+                                          "(a simulator started with `batch sim` keeps its batches across runs)")
             self.done.set()
 
     def _waiting(self) -> bool:
@@ -290,8 +296,10 @@ class LaneManager:
         for line in lines:
             ids.discard(line.custom_id)
             if (req := requests.get(line.custom_id)) is not None:
-                c, p, q = self._line(req, line.reply, line.error, line.cost, info.id, back)
+                (c, p, q), then = self._line(req, line.reply, line.error, line.cost, info.id, back)
                 cost, prompt, completion = cost + c, prompt + p, completion + q
+                if self.log is not None:
+                    self.log.add_batch_line(req.id, self.tries.get(req.id, 1), self.target, line, (c, p, q), then)
         back.extend(requests[i] for i in ids if i in requests and i not in self.released)  # never ran
         await self.sink.drain()  # the answers are on disk before the record lets its rows go
         # billed once per batch, journalled before the record says collected: a collection a crash interrupts
@@ -302,8 +310,9 @@ class LaneManager:
         await self.give_back(back)
 
     def _line(self, req: Request, reply: Reply | None, error: ProviderError | None, cost: float | None,
-              batch_id: str, back: list[Request]) -> tuple[float, int, int]:
-        """One result line: a result row, a row to give back, or a second answer. Returns what it was billed."""
+              batch_id: str, back: list[Request]) -> tuple[tuple[float, int, int], str]:
+        """A result row (then ``done``), a row to give back (``retry``, or ``repair`` online for an invalid
+        answer), or a second answer. Returns what it was billed and which of these it was."""
         s = self.stats
         if error is not None or reply is None:
             s.errors[error.kind if error is not None else "bad_response"] += 1
@@ -311,7 +320,8 @@ class LaneManager:
                 self.last_error[req.id] = error
             if req.id not in self.released and req.id not in self.answered:
                 back.append(req)
-            return 0.0, 0, 0
+                return (0.0, 0, 0), "retry"
+            return (0.0, 0, 0), "second_answer"
         t = self.target
         source = "provider" if cost is not None else "price_table" if t.price_in is not None else None
         if cost is None and t.price_in is not None and t.price_out is not None:
@@ -323,24 +333,24 @@ class LaneManager:
         rewritten = req.id in self.written  # an interrupted collection wrote its row, and counted nothing
         if not rewritten and (req.id in self.released or req.id in self.answered):
             s.second_answers += 1  # answered online meanwhile: billed twice, kept once
-            return billed
+            return billed, "second_answer"
         parsed, problem = self.checker.check(reply.text) if self.checker is not None else (None, None)
         if problem is not None:
             s.invalid_outputs += 1
             back.append(req._replace(carried=billed))
-            return billed
+            return billed, "repair"
         s.ok += 1
         s.prompt_tokens += reply.prompt_tokens
         s.completion_tokens += reply.completion_tokens
         self.answered.add(req.id)
         if rewritten:
-            return billed
+            return billed, "done"
         result = result_row(req, attempts=1, reply=reply, provider=t.provider, level=0, parsed=parsed,
                             cost=cost, cost_source=source, lane="batch",
                             batch_id=batch_id, billed=(reply.prompt_tokens, reply.completion_tokens))
         self.sink.add(result, req.replaces)
         self.tally.count(True, req.replaces)
-        return billed
+        return billed, "done"
 
     # --- giving rows back ----------------------------------------------------------------------------------------
 

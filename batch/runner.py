@@ -279,7 +279,7 @@ async def _send_all(job: Job, plan: Plan, report: ScanReport, resume: Resume, li
                             max_repairs=job.output_format.max_repairs if job.output_format else 0, log=records[1],
                             on_gone=lambda t: progress.message(_gone_message(job, t, targets)))
             lanes = await start_lanes(job, plan, report, resume, targets[0], session, sink, tally, progress, checker,
-                                      budget) if "batch" in job.run.lanes else None
+                                      budget, records[1]) if "batch" in job.run.lanes else None
             report.ids = None
             await Pump(job, plan, resume, limit, options.grace_seconds, router, sink, stop, tally, progress,
                        targets, lanes).run()

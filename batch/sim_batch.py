@@ -236,6 +236,7 @@ class BatchBook:
         self.batches: dict[str, SimBatch] = {}
         self.files: dict[str, SimFile] = {}
         self._serial = 0  # batches created; with the seed it draws each batch's timeline
+        self._boot = time.time_ns()  # part of every batch id: ids stay unique across restarts
         self._created: Counter[str] = Counter()
         self._submitted: Counter[str] = Counter()
         self._cancels = 0
@@ -267,8 +268,9 @@ class BatchBook:
         tokens = sum(prompt_tokens(line, model) for line in lines)
         if not errors and api == "openai":
             errors = self._token_limit(model, tokens)
-        batch_id = (f"batch-{int(wall)}-{token(cfg.seed, api, serial, length=20)}" if api == "openrouter"
-                    else f"batch_{token(cfg.seed, api, serial)}")
+        # the serial restarts with the simulator: the boot time keeps a restarted one from reusing an id
+        batch_id = (f"batch-{int(wall)}-{token(cfg.seed, api, serial, self._boot, length=20)}" if api == "openrouter"
+                    else f"batch_{token(cfg.seed, api, serial, self._boot)}")
         order = tuple(sorted(range(len(lines)), key=lambda i: draw(cfg.seed, "order", serial, lines[i].custom_id)))
         batch = SimBatch(id=batch_id, serial=serial, api=api, model=model, endpoint=endpoint, lines=lines,
                          timeline=plan(cfg, serial, invalid=bool(errors)), created_mono=time.monotonic(),

@@ -235,3 +235,20 @@ def test_the_progress_line_counts_rows_the_batch_lane_answered(tmp_path: Path, s
     frames = [(int(m[1]), int(m[2])) for m in re.finditer(r"\] (\d+)/1200 rows .*?this run: (\d+) rows", proc.stderr)]
     assert len(frames) >= 3 and any(run for _, run in frames[:-1])
     assert all(dataset == run for dataset, run in frames), frames
+
+
+def test_the_attempt_log_has_a_row_per_batch_line(tmp_path: Path, sim_factory: Factory) -> None:
+    """Batch lines are in the attempt log (lane "batch"), so the report draws both lanes: one row per line
+    collected, the answered ones `done`, failed ones `retry`; their cost is the batch lane's in stats."""
+    sim = sim_factory(**FAST, batch_line_failures=0.05, seed=5)
+    job = lanes_job(tmp_path, sim, 800, "openai")
+    assert run_cli("run", str(job), "--quiet").returncode == 0
+    attempts = ds.dataset(tmp_path / "out" / "attempts", format="parquet").to_table().to_pandas()
+    lines = attempts[attempts["lane"] == "batch"]
+    df = results(tmp_path)
+    assert (lines["then"] == "done").sum() == (df["lane"] == "batch").sum() > 0
+    assert (lines["then"] == "retry").sum() == (lines["outcome"] != "ok").sum() > 0
+    assert len(lines) == sum(submitted(sim).values())  # every line submitted was collected once
+    stats = pd.read_parquet(tmp_path / "out" / "stats.parquet")
+    assert lines["cost_usd"].sum() == pytest.approx(stats.loc[stats["model"].str.endswith("@batch"), "cost_usd"].sum())
+    assert lines["latency_ms"].isna().all()
