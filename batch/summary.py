@@ -38,8 +38,7 @@ def format_summary(s: Summary) -> str:
         f"dataset    {f.rows} of {s.rows_input} input rows have a result: {s.rows_ok} ok, {s.rows_error} error{left}",
         f"this run   {s.rows_this_run} rows: {s.rows_this_run_ok} ok, {s.rows_this_run_error} error"
         + (f"; {s.rows_skipped} skipped, answered before" if s.rows_skipped else ""),
-        f"           {u.requests} requests, {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, "
-        f"{money(u.cost_usd)}{per_k}",
+        f"           {u.requests} requests, {_tokens(u)}, {money(u.cost_usd)}{per_k}",
         f"           {s.wall_seconds:.1f}s, {f.rate:.1f} rows/s",
     ]
     lines.extend(_lane_lines(by_lane(s.per_model)))
@@ -87,6 +86,14 @@ def _model_lines(label: str, x: Usage) -> list[str]:
     return lines
 
 
+def _tokens(u: Usage) -> str:
+    """Billed tokens (what the cost is for: answers, repairs, billed failures); the answers' own when fewer."""
+    billed = f"{u.billed_prompt_tokens} prompt + {u.billed_completion_tokens} completion tokens billed"
+    if (u.prompt_tokens, u.completion_tokens) == (u.billed_prompt_tokens, u.billed_completion_tokens):
+        return billed
+    return f"{billed} (answers: {u.prompt_tokens} + {u.completion_tokens})"
+
+
 def _short(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= EXAMPLE_CHARS else text[:EXAMPLE_CHARS - 3] + "..."
@@ -101,7 +108,8 @@ def summary_dict(s: Summary) -> dict[str, object]:
         "output": str(s.out_dir), "exit_code": s.exit_code, "stop_reason": s.stop_reason,
         "rows": s.rows_total, "ok": s.rows_ok, "error": s.rows_error, "rows_this_run": s.rows_this_run,
         "rows_skipped": s.rows_skipped, "requests": u.requests, "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens, "cost_usd": round(u.cost_usd, 8),
+        "completion_tokens": u.completion_tokens, "billed_prompt_tokens": u.billed_prompt_tokens,
+        "billed_completion_tokens": u.billed_completion_tokens, "cost_usd": round(u.cost_usd, 8),
         "cache_hits": s.cache_hits, "cache_misses": s.cache_misses,
         "cache_path": str(s.cache_path) if s.cache_path else None,
         "wall_seconds": round(s.wall_seconds, 3), "rows_per_second": round(f.rate, 1),
@@ -113,7 +121,8 @@ def summary_dict(s: Summary) -> dict[str, object]:
         "this_run": {
             "rows": s.rows_this_run, "ok": s.rows_this_run_ok, "error": s.rows_this_run_error,
             "skipped": s.rows_skipped, "requests": u.requests, "prompt_tokens": u.prompt_tokens,
-            "completion_tokens": u.completion_tokens, "cost_usd": round(u.cost_usd, 8),
+            "completion_tokens": u.completion_tokens, "billed_prompt_tokens": u.billed_prompt_tokens,
+            "billed_completion_tokens": u.billed_completion_tokens, "cost_usd": round(u.cost_usd, 8),
             "cache_hits": s.cache_hits, "wall_seconds": round(s.wall_seconds, 3), "rows_per_second": round(f.rate, 1),
             "failed_attempts": {f"{p}:{m}": dict(x.errors) for (p, m), x in s.per_model.items() if x.errors},
         },

@@ -49,7 +49,7 @@ class TestResumedRun:
         out = proc.stdout
         assert "dataset    200 of 200 input rows have a result: 200 ok, 0 error" in out
         assert "this run   140 rows: 140 ok, 0 error; 60 skipped, answered before" in out
-        cost = found(r"completion tokens, (\$\d+\.\d{6})", out)
+        cost = found(r"completion tokens billed, (\$\d+\.\d{6})", out)
         rate = found(r"s, (\d+\.\d) rows/s", out)
         assert lines[-1] == f"[batch] 200/200 rows (100.0%) | this run: 140 rows, ok=140 err=0, {cost}, {rate} rows/s"
 
