@@ -57,6 +57,7 @@ def facts_for(model: str) -> ModelFacts | None:
 
 
 FLEX_PRICE_FACTOR = 0.5  # flex is billed at Batch API rates (WIRE-BATCH.md C1)
+BATCH_PRICE_FACTOR = FLEX_PRICE_FACTOR  # batch lines are billed at half the chat price (WIRE-BATCH.md A7, B4)
 
 
 def prices_for(model: str, price_in: float | None, price_out: float | None,

@@ -34,7 +34,7 @@ import orjson
 
 from batch.answers import make_checker
 from batch.billing import Prices, prices_of, read_listings
-from batch.catalog import SIM_BASE_URL, facts_for
+from batch.catalog import BATCH_PRICE_FACTOR, SIM_BASE_URL, facts_for
 from batch.job import Job, ModelSpec
 from batch.plan import make_plan
 from batch.repair import CUT_NOTE
@@ -276,6 +276,10 @@ def _finish(est: Estimate, job: Job, models: list[_Model], totals: list[float] |
         return
     if totals is not None:
         est.cost_usd_min, est.cost_usd_max_no_repairs, est.cost_usd_max = totals
+        if "batch" in job.run.lanes:  # every row may be answered by a provider batch, at the batch price
+            est.cost_usd_min = totals[0] * BATCH_PRICE_FACTOR
+            est.notes.append("run.lanes has \"batch\": the low end is every row answered by a provider batch (at "
+                             f"{BATCH_PRICE_FACTOR:.0%} of the price), the high end every row online")
     if job.run.cache == "read-write":
         est.notes.append("rows answered from the response cache cost nothing; the range assumes none are")
 

@@ -34,7 +34,7 @@ from batch.budget import Budget
 from batch.batch_api import BatchClient, batch_failure, client_for
 from batch.batch_records import BatchRecord, BatchRecords
 from batch.batch_wire import BATCH_NOT_FOUND, BatchInfo, SubmitUnknownError
-from batch.catalog import FLEX_PRICE_FACTOR
+from batch.catalog import BATCH_PRICE_FACTOR
 from batch.errors import ProviderError
 from batch.lane_plan import Outstanding, may_submit, to_pull_back
 from batch.plan import Plan, requests_of
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
     from batch.attempts import AttemptLog
     pass
 
-BATCH_PRICE_FACTOR = FLEX_PRICE_FACTOR  # batch lines are billed at half the chat price (WIRE-BATCH.md A7, B4)
 MAX_BATCH_TRIES = 2  # batches a row may go to; then online (or, batch only, an error row)
 FIND_PATIENCE_SECONDS = 120.0  # a submission whose answer was lost and that no listing shows is given up after
 

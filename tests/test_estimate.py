@@ -67,6 +67,22 @@ class TestBracket:
         assert_holds(est, cost)
 
 
+    def test_a_lanes_job_bills_within_its_range(self, tmp_path: Path) -> None:
+        """lanes = ["batch", "online"]: rows answered by provider batches cost half, so the low end is every row
+        at the batch price (a newcomer's demo-lanes bill was below the estimate's low end)."""
+        data = write_jsonl(tmp_path / "in.jsonl", reviews(200))
+        job = write_job(tmp_path, input_path=data, models=[{"provider": "sim", "model": "openai/gpt-4.1-mini"}],
+                        request={"temperature": 0, "max_tokens": 5},
+                        run={"lanes": ["batch", "online"], "deadline": "60s", "batch_expected_seconds": 4,
+                             "batch_poll_seconds": 0.25},
+                        sim={"batch_validating_seconds": 0.2, "batch_median_seconds": 1.0, "batch_spread": 0.0,
+                             "batch_finalizing_seconds": 0.2})
+        est = estimate(job)
+        cost = billed(job, tmp_path / "out")
+        assert cost < 0.6 * est["cost_usd_max"]  # most rows went by batch
+        assert_holds(est, cost)
+
+
 class TestPrices:
     def test_a_sim_job_is_priced_by_the_simulators_table_not_the_jobs(self, tmp_path: Path) -> None:
         """provider = "sim" with the job's own prices: the run is billed at the simulator's table, so is the estimate."""
