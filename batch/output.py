@@ -32,8 +32,10 @@ from batch.job import Job
 from batch.lock import LOCK_FILE
 from batch.plan import ScanReport, describe_changes, fingerprint
 from batch.spend import JOURNAL_PREFIX, journal_usage, orphan_journals, remove_journal
-from batch.stats import STATS_FILE, append_stats, previous_cost, recorded_runs, stats_rows
-from batch.store import MANIFEST, RESULTS_DIR, Ledger, part_files, read_manifest, reconcile, set_aside_damaged
+from batch.stats import (BATCH_LANE_SUFFIX, STATS_FILE, Usage, append_stats, previous_cost, recorded_ok, recorded_runs,
+                         stats_rows)
+from batch.store import (MANIFEST, RESULTS_DIR, Ledger, part_files, read_manifest, read_parts, reconcile,
+                         set_aside_damaged)
 
 _PART_TEMPS = (".part-",)  # hidden temporary and damaged part files
 
@@ -116,10 +118,31 @@ def close_unfinished(out: Path, manifest: dict[str, Any]) -> None:
             entry["outcome"] = "killed"  # we hold the lock, so it is not running any more
             entry["stop_reason"] = "the process ended without finishing (kill -9, crash or power cut)"
     known = recorded_runs(out)
-    for run_id, path in orphan_journals(out).items():
-        if run_id not in known:
-            append_stats(out, stats_rows(run_id, journal_usage(path)))
+    orphans = {run_id: path for run_id, path in orphan_journals(out).items() if run_id not in known}
+    unrecorded = _answers_unrecorded(out) if orphans else {}
+    for run_id, path in orphans.items():
+        usage = journal_usage(path)
+        for key, answers in unrecorded.items():  # the journal knows what was billed, the results what was kept
+            usage[key] = usage.get(key, Usage()) + Usage(ok=answers)
+        unrecorded = {}  # two killed runs in a row: the first one's row carries them all
+        append_stats(out, stats_rows(run_id, usage))
+    for path in orphan_journals(out).values():
         remove_journal(path)
+
+
+def _answers_unrecorded(out: Path) -> dict[tuple[str, str], int]:
+    """Answers in results/ that no run's stats count: those of a run that was killed (its stats row is made
+    from its spend journal, which knows what was billed, not what was answered). Per (provider, model), the
+    batch lane's as ``MODEL@batch``, as stats.parquet keys them; cache hits are not answers."""
+    kept: dict[tuple[str, str], int] = {}
+    for _, t in read_parts(part_files(out / RESULTS_DIR), ["status", "provider", "model", "lane", "cached"]):
+        for status, provider, model, lane, cached in zip(*(t[c].to_pylist() for c in t.column_names)):
+            if status == "ok" and not cached and provider and model:
+                key = (provider, model + (BATCH_LANE_SUFFIX if lane == "batch" else ""))
+                kept[key] = kept.get(key, 0) + 1
+    for key, counted in recorded_ok(out).items():
+        kept[key] = kept.get(key, 0) - counted
+    return {key: n for key, n in kept.items() if n > 0}
 
 
 @dataclass(slots=True)

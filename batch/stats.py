@@ -184,3 +184,18 @@ def recorded_runs(out_dir: Path) -> set[str]:
         return {str(r) for r in pq.read_table(path, columns=["run_id"])["run_id"].to_pylist()}
     except (pa.ArrowException, OSError):
         return set()
+
+
+def recorded_ok(out_dir: Path) -> dict[tuple[str, str], int]:
+    """Answers stats.parquet counts, per (provider, model) over all its runs."""
+    path = out_dir / STATS_FILE
+    if not path.exists():
+        return {}
+    try:
+        table = pq.read_table(path, columns=["provider", "model", "ok"])
+    except (pa.ArrowException, OSError):
+        return {}
+    ok: dict[tuple[str, str], int] = {}
+    for provider, model, n in zip(*(table[c].to_pylist() for c in table.column_names)):
+        ok[(provider, model)] = ok.get((provider, model), 0) + (n or 0)
+    return ok

@@ -69,6 +69,8 @@ class TestKill:
         assert max(asked.values()) <= 2
         twice = sum(1 for v in asked.values() if v == 2)
         assert twice <= 2 * flush_rows + concurrency  # the buffer, the part being written, the requests in flight
+        stats = pd.read_parquet(tmp_path / "out" / "stats.parquet")
+        assert stats["run_id"].nunique() == 2 and stats["ok"].sum() == N  # the killed run's kept answers count
 
 
 class TestSignals:
