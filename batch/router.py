@@ -213,6 +213,7 @@ class Router(Sender):
         fault (the endpoint has never answered this run: the pump stops the run instead)."""
         t.breaker.failure(e, probe)
         if self.unreachable(e):
+            t.stats.errors[e.kind] += 1  # a failed attempt all the same: stats and the summary count it
             self.log_attempt(req, t, row, level, "retry", e)
             await asyncio.sleep(min(self._backoff(tries), 2.0))
             return 0

@@ -126,6 +126,10 @@ class TestUnreachable:
         assert "Is the server running" in proc.stderr and TEST_KEY not in proc.stderr + proc.stdout
         assert time.monotonic() - t0 < 30  # not the ten minutes of give_up_seconds
         assert part_files(tmp_path / "out" / "results") == []  # no row was recorded as failed
+        stats = pd.read_parquet(tmp_path / "out" / "stats.parquet")  # but every attempt is a failed attempt
+        assert stats["errors"].sum() == stats["requests"].sum() > 0
+        assert "failed attempts (requests, not rows): connection" in run_cli("run", str(job), env={
+            "SIM_API_KEY": TEST_KEY}, timeout=60).stdout
 
 
 def test_a_signal_with_nothing_in_flight_ends_the_grace_at_once(tmp_path: Path, sim_factory: Factory) -> None:
