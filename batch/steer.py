@@ -17,8 +17,8 @@
 - A scattered 429 without such evidence (an upstream provider of OpenRouter
   was busy) says nothing of our rate: only its row waits, as advised.
 - After 429s stop, the rate climbs back to the limit found within seconds,
-  then probes beyond it slowly (never past a stated limit) (a job limit far above the real one must not
-  mean a 429 storm every minute), up to the ceiling.
+  then probes beyond it slowly, never past a stated limit (a job limit far
+  above the real one must not mean a 429 storm every minute).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ CLUSTER_COUNT = 5  # ... when there are at least this many ...
 CLUSTER_SHARE = 0.25  # ... and they are at least this share of the answers
 EPISODE_SECONDS = 2.0  # evidence closer together than this is one episode: one cut
 ADMITTED_MARGIN = 0.97  # of what the provider admitted, after a cut
-MEASURE_SECONDS = 10  # what the provider admitted is measured over this many seconds
+MEASURE_SECONDS = 10  # what the provider admitted is measured over this many seconds ...
+MIN_MEASURE_SECONDS = 3  # ... and not at all over fewer (a cut then halves, and climbs back once calm)
 CALM_SECONDS = 3.0  # without evidence, before the rate climbs again
 RECOVER_PER_SECOND = 0.10  # of the limit found, back up to it
 PROBE_STEP = 0.01  # of the limit found, beyond it ...
@@ -51,6 +52,7 @@ class Steering:
         self.ceiling: dict[str, float | None] = {"requests": requests_per_minute, "tokens": tokens_per_minute}
         self.found: dict[str, float] = {}  # the limit measured when 429s clustered
         self.ring: deque[list[float]] = deque()  # [second, answered, tokens, scattered 429s]
+        self.pauses: deque[tuple[float, float]] = deque()  # (from, to) of the pauses 429s ordered, recent ones
         self.last_evidence = -1e9
         self.last_step = -1e9
 
@@ -85,6 +87,9 @@ class Steering:
         if not evidence:
             return False
         self.limiter.pause(wait)
+        self.pauses.append((now, now + wait))
+        while self.pauses and self.pauses[0][1] < now - MEASURE_SECONDS:
+            self.pauses.popleft()
         new_episode = now - self.last_evidence > max(EPISODE_SECONDS, wait)
         self.last_evidence = now
         if limit_requests or limit_tokens:
@@ -109,13 +114,17 @@ class Steering:
         return refused >= CLUSTER_COUNT and refused >= CLUSTER_SHARE * (refused + answered)
 
     def admitted_per_minute(self, which: str) -> float:
-        """What the provider answered over the last MEASURE_SECONDS, per minute."""
+        """What the provider answered per second, per minute: the mean over the whole seconds of the last
+        MEASURE_SECONDS in which answers came and the model was not paused (0: fewer than MIN_MEASURE_SECONDS
+        of them). A paused second says nothing of the provider: an average over them once cut a 1,200 rpm
+        provider's model to 553."""
         now = int(self.clock())
-        recent = [s for s in self.ring if s[0] > now - MEASURE_SECONDS]
-        if not recent:
+        column = 1 if which == "requests" else 2
+        counts = [s[column] for s in self.ring if now - MEASURE_SECONDS <= s[0] < now and s[1] > 0
+                  and not any(start < s[0] + 1 and s[0] < end for start, end in self.pauses)]
+        if len(counts) < MIN_MEASURE_SECONDS:
             return 0.0
-        span = max(1, now - int(recent[0][0]) + 1)
-        return sum(s[1 if which == "requests" else 2] for s in recent) * 60.0 / span
+        return sum(counts) * 60.0 / len(counts)
 
     def _cut(self, which: str) -> None:
         """Down to what was admitted (the limit found); with nothing measured yet, halve."""
@@ -124,6 +133,8 @@ class Steering:
         if admitted > 0:
             self.found[which] = admitted
             new = admitted if current is None else min(current, admitted)
+        elif current is None and any(self.limiter.gate.limit(b) is not None for b in BUDGETS if b != which):
+            return  # nothing measured, no limit here, and another budget has one: that one is cut, none invented
         else:  # nothing measured yet: halve, and climb back to where it was once calm
             self.found[which] = current or 60.0
             new = self.found[which] / 2

@@ -260,6 +260,35 @@ class TestSteering:
             s.answered(10)
         assert s.limiter.gate.limit("requests") == 500
 
+    def test_429s_in_the_first_second_of_a_token_limited_model_invent_no_request_limit(self) -> None:
+        """A cluster of bare 429s before anything could be measured halves the token budget and leaves the
+        unlimited request budget alone (it was once set to 30 rpm, and the run crawled for minutes)."""
+        s, now = self.steer(None, 120_000)
+        for _ in range(3):
+            now[0] += 0.1
+            s.answered(500)
+        for _ in range(10):
+            now[0] += 0.01
+            s.rate_limited(1.0, evidence=False, scope=None, limit_requests=None, limit_tokens=None)
+        assert s.limiter.gate.limit("requests") is None and s.limiter.gate.limit("tokens") == 60_000
+
+    def test_a_cut_measures_only_seconds_the_model_was_not_paused(self) -> None:
+        """What the provider admitted is measured over whole seconds with answers outside pauses: seconds
+        spent paused by an earlier episode do not drag the measure (and the cut) down."""
+        s, now = self.steer(2400)
+        for i in range(40):  # 4 s at 1,200 rpm, then a second-long pause with no answers
+            now[0] = 1000.0 + i * 0.05 if i < 20 else 1002.0 + (i - 20) * 0.05
+            s.answered(10)
+        now[0] = 1003.0
+        s.rate_limited(1.0, evidence=True, scope="requests", limit_requests=None, limit_tokens=None)
+        now[0] = 1005.0
+        for i in range(40):
+            now[0] = 1005.0 + i * 0.05
+            s.answered(10)
+        now[0] = 1008.5
+        s.rate_limited(1.0, evidence=True, scope="requests", limit_requests=None, limit_tokens=None)
+        assert s.limiter.gate.limit("requests") == pytest.approx(1200 * 0.97, rel=0.05)
+
     def test_discovers_a_limit_it_was_never_told(self) -> None:
         """A model with no configured limit gets one from a cluster of 429s."""
         s, now = self.steer()
