@@ -117,7 +117,7 @@ def close_unfinished(out: Path, manifest: dict[str, Any]) -> None:
             entry["stop_reason"] = "the process ended without finishing (kill -9, crash or power cut)"
     known = recorded_runs(out)
     for run_id, path in orphan_journals(out).items():
-        if run_id not in known:
+        if run_id.split(".")[0] not in known:  # a Ray worker's journal: RUN_ID.WORKER
             append_stats(out, stats_rows(run_id, journal_usage(path)))
         remove_journal(path)
 

@@ -43,7 +43,8 @@ from batch.pump import Pump, Stop
 from batch.router import Policy, Router, Target
 from batch.sim import SimConfig, Simulator
 from batch.sinks import Sink, result_schema
-from batch.spend import SpendJournal
+from batch.ray_shards import SHARDS_DIR, fold_shards
+from batch.spend import JOURNAL_PREFIX, SpendJournal, remove_journal
 from batch.stats import Usage, append_stats, stats_rows
 from batch.batch_records import BatchRecords
 from batch.lane_start import start_lanes
@@ -53,6 +54,7 @@ from batch.targets import build_targets, check_models
 
 GRACE_SECONDS = 30.0
 EXIT_OK, EXIT_ERRORS, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
+ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,6 +66,9 @@ class RunOptions:
     limit: int | None = None  # None: the job's run.limit, if any
     quiet: bool = False
     grace_seconds: float = GRACE_SECONDS
+    engine: str = "local"  # "ray": the same run on a Ray cluster (batch/ray_engine.py; pip install 'batch[ray]')
+    ray_address: str | None = None  # engine "ray": the cluster to join; None starts a local one for the run
+    ray_workers: int | None = None  # engine "ray": worker actors (default 2)
 
 
 @dataclass(slots=True)
@@ -118,6 +123,8 @@ async def run_async(job: Job, options: RunOptions | None = None, **overrides: An
     Options are a ``RunOptions`` or its fields as keywords (``quiet=True``).
     """
     options = _options(options, overrides)
+    if options.engine not in ENGINES:
+        raise JobError(f"engine: expected one of {', '.join(ENGINES)}, got {options.engine!r}")
     started = time.monotonic()
     check_setup(job)  # a missing key is said before a long scan (batch/preflight.py lists every check)
     with OutputLock(job.output.path):
@@ -163,12 +170,13 @@ async def _run_locked(job: Job, options: RunOptions, started: float) -> Summary:
     try:
         manifest = prepare_output(job, fresh=options.fresh, force=options.force)
         close_unfinished(out, manifest)
+        await _fold_ray_shards(job, plan)
         resume = resume_state(out, report, retry_errors=options.retry_errors,
                               retry_truncated=options.retry_truncated)
         summary.rows_skipped = resume.skipped
         summary.rows_input = report.rows - (report.bad_rows + report.missing_ids
                                             if job.run.on_bad_row == "skip" else 0)
-        if "batch" not in job.run.lanes:
+        if "batch" not in job.run.lanes and options.engine != "ray":
             report.ids = None  # not needed any more: free them before sending (the batch lane needs them)
         progress = Progress(summary.rows_input, quiet=options.quiet, done_before=resume.before)
         await _run_output(job, plan, report, resume, options, cache, manifest, summary, progress)
@@ -202,8 +210,12 @@ async def _run_output(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
     journal = SpendJournal(out, run_id)
     log = AttemptLog(out, run_id, flush_seconds=job.output.flush_seconds) if job.output.attempt_log else None
     try:
-        targets, lane_stats = await _send_all(job, plan, report, resume, limit, options, cache, (journal, log),
-                                              stop, tally, progress)
+        lane_stats: list[ModelStats] = []
+        if options.engine == "ray":
+            targets = await _send_on_ray(job, plan, report, resume, limit, options, run_id, stop, tally, progress)
+        else:
+            targets, lane_stats = await _send_all(job, plan, report, resume, limit, options, cache, (journal, log),
+                                                  stop, tally, progress)
     except JobError as exc:  # found only once the providers were asked (check_models): nothing was sent
         entry.update(ended=_now(), outcome="refused", stop_reason=str(exc))
         write_manifest(out, manifest)
@@ -224,6 +236,9 @@ async def _run_output(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
                          for s in [*(t.stats for t in targets), *lane_stats]}
     _tally_up(out, summary, tally, stop.reason, limit)
     _finish_output(out, run_id, manifest, entry, summary, tally, journal)
+    if options.engine == "ray" and not journal.path.exists():  # deleted once stats.parquet was written
+        for path in out.glob(f"{JOURNAL_PREFIX}{run_id}.*.bin"):  # the Ray workers': stats.parquet has them now
+            remove_journal(path)
 
 
 def _tally_up(out: Path, summary: Summary, tally: Tally, stopped: str | None, limit: int | None) -> None:
@@ -287,6 +302,31 @@ async def _send_all(job: Job, plan: Plan, report: ScanReport, resume: Resume, li
             if sink.error is not None:
                 stop.request(str(sink.error))
     return targets, [lanes.stats] if lanes is not None else []
+
+
+async def _fold_ray_shards(job: Job, plan: Plan) -> None:
+    """Rows a Ray run's workers answered that its killed driver never wrote: into parts now."""
+    if not (job.output.path / SHARDS_DIR).is_dir():
+        return
+    checker = _checker(job)
+    schema = result_schema(plan.keep_types, raw_response=job.output.raw_response,
+                           parsed=checker.parsed_type if checker else None)
+    await fold_shards(job.output.path, schema, flush_rows=job.output.flush_rows,
+                      flush_seconds=job.output.flush_seconds)
+
+
+async def _send_on_ray(job: Job, plan: Plan, report: ScanReport, resume: Resume, limit: int | None,
+                       options: RunOptions, run_id: str, stop: Stop, tally: Tally, progress: Progress
+                       ) -> list[Target]:
+    try:
+        from batch.ray_engine import send_on_ray
+    except ImportError as exc:
+        raise JobError(f"--ray needs Ray: pip install 'batch[ray]' ({exc}); nothing was sent") from None
+    checker = _checker(job)
+    async with _maybe_sim(job) as sim_url:
+        return await send_on_ray(job, plan, report, resume, limit, run_id, options.ray_workers, options.ray_address,
+                                 options.grace_seconds, stop, tally, progress, sim_url,
+                                 checker.parsed_type if checker else None)
 
 
 def _gone_message(job: Job, t: Target, targets: list[Target]) -> str:
