@@ -141,6 +141,9 @@ async def send_on_ray(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
                     merge_stats(t.stats, by_label[t.label])
         if sink.error is None:
             drop_run(out, run_id)  # every row of the run is in a part now
+        import ray
+
+        ray.kill(service)  # its state is the run's; a killed driver leaves it for the next run to find
     return targets
 
 
@@ -148,8 +151,9 @@ def _dataset(table: pa.Table, workers: int, worker_args: dict[str, Any]) -> Any:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # the driver shows batch's own progress line
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False  # the driver shows batch's own progress line
+    ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ds = ray.data.from_arrow(blocks_of(table, workers))
     return ds.map_batches(RayWorker, fn_constructor_kwargs=worker_args, batch_size=None, batch_format="pyarrow",

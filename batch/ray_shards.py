@@ -127,7 +127,7 @@ async def fold_shards(out: Path, schema: pa.Schema, *, flush_rows: int, flush_se
     written = 0
     if results:
         ledger = Ledger.read(out)
-        parts = ledger.parts_of(pa.array([r.id for r in results], pa.string())).to_pylist()
+        parts = ledger.parts_of(pa.chunked_array([[r.id for r in results]], pa.string())).to_pylist()
         already = _rows_in_parts(out, [r.id for r, p in zip(results, parts) if p >= 0])
         async with Sink(out, schema, flush_rows=flush_rows, flush_seconds=flush_seconds) as sink:
             for result, part in zip(results, parts):
