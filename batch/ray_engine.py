@@ -46,14 +46,14 @@ from batch.ray_limits import service_handle
 from batch.ray_shards import drop_run, run_folder
 from batch.ray_worker import RayWorker, merge_stats, read_worker_stats
 from batch.result import Result
-from batch.sinks import Sink, result_schema
+from batch.sinks import Sink
 from batch.target import Target
 from batch.targets import build_targets, check_models
 
 if TYPE_CHECKING:
     from batch.job import Job
     from batch.output import Resume
-    from batch.plan import Plan, ScanReport
+    from batch.plan import ScanReport
 
 DEFAULT_WORKERS = 2
 WORKER_CPUS = 0.25  # logical CPUs per worker actor: they wait on the network
@@ -99,10 +99,9 @@ def blocks_of(table: pa.Table, workers: int) -> list[pa.Table]:
     return [table.slice(i, size) for i in range(0, table.num_rows, size)]
 
 
-async def send_on_ray(job: Job, plan: Plan, report: ScanReport, resume: Resume, limit: int | None, run_id: str,
+async def send_on_ray(job: Job, report: ScanReport, resume: Resume, limit: int | None, run_id: str,
                       workers: int | None, address: str | None, grace_seconds: float, stop: Stop, tally: Tally,
-                      progress: Progress, sim_url: str | None, checker_type: pa.DataType | None
-                      ) -> list[Target]:
+                      progress: Progress, sim_url: str | None, schema: pa.Schema) -> list[Target]:
     """Send this run's rows on Ray; returns the driver's targets holding every worker's counters."""
     if "batch" in job.run.lanes:
         raise JobError("run.lanes: the batch lane does not run on Ray yet; run this job without --ray, "
@@ -116,9 +115,10 @@ async def send_on_ray(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
     _check_priced(job, targets)
     table = pending_rows(report, resume, limit)
     report.ids = None
+    if not table.num_rows:
+        return targets  # nothing to send: no cluster to start
     n = workers or DEFAULT_WORKERS
     out = job.output.path
-    schema = result_schema(plan.keep_types, raw_response=job.output.raw_response, parsed=checker_type)
     with ray_cluster(address):
         service = service_handle(out)
         await service.configure.remote(job.run.max_cost_usd, resume.spent)
@@ -127,9 +127,8 @@ async def send_on_ray(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
                            facts=facts, body_models=tuple(sorted(report.body_models)),
                            exit_after=int(os.environ.get(EXIT_AFTER_ENV, "0")))
         async with Sink(out, schema, flush_rows=job.output.flush_rows, flush_seconds=job.output.flush_seconds) as sink:
-            if table.num_rows:
-                await _consume(_dataset(table, n, worker_args), resume, sink, service, grace_seconds, stop, tally,
-                               progress, targets)
+            await _consume(_dataset(table, n, worker_args), resume, sink, service, grace_seconds, stop, tally,
+                           progress)
             await sink.drain()
             if sink.error is not None:
                 stop.request(str(sink.error))
@@ -164,7 +163,7 @@ _END = object()
 
 
 async def _consume(ds: Any, resume: Resume, sink: Sink, service: Any, grace_seconds: float, stop: Stop,
-                   tally: Tally, progress: Progress, targets: list[Target]) -> None:
+                   tally: Tally, progress: Progress) -> None:
     """Write what the workers hand back, as it comes; progress and stops meanwhile."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[object] = asyncio.Queue()
@@ -182,7 +181,7 @@ async def _consume(ds: Any, resume: Resume, sink: Sink, service: Any, grace_seco
 
     reader = threading.Thread(target=read, name="batch-ray-read", daemon=True)
     reader.start()
-    monitor = asyncio.create_task(_monitor(sink, service, stop, tally, progress, targets))
+    monitor = asyncio.create_task(_monitor(sink, service, stop, tally, progress))
     installed = _install_signals(stop, service, progress, grace_seconds)
     old_parts = resume.old_parts.to_pylist() if resume.old_parts is not None else None
     try:
@@ -234,8 +233,7 @@ async def _write(batch: pa.Table, old_parts: list[int] | None, sink: Sink, tally
         await sink.drain_writer()
 
 
-async def _monitor(sink: Sink, service: Any, stop: Stop, tally: Tally, progress: Progress,
-                   targets: list[Target]) -> None:
+async def _monitor(sink: Sink, service: Any, stop: Stop, tally: Tally, progress: Progress) -> None:
     """A few times a second: flush timer, the workers' stop reason, progress."""
     while True:
         await asyncio.sleep(MONITOR_SECONDS)

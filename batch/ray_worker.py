@@ -32,6 +32,7 @@ import traceback
 import uuid
 from pathlib import Path
 
+import aiohttp
 import pyarrow as pa
 
 from batch.cache import ResponseCache, default_cache_path
@@ -82,6 +83,19 @@ class RayWorker:
         self._exit = contextlib.AsyncExitStack()
         self.cache: ResponseCache | None = None
         self.budget: ClusterBudget | None = None
+        self.session: aiohttp.ClientSession | None = None
+
+    def __del__(self) -> None:
+        """Ray Data drops the UDF when the pool ends gracefully (a crash skips this: nothing here is needed
+        for correctness): hand back unused budget, close the shard, the cache and the connections."""
+        with contextlib.suppress(Exception):
+            if self.budget is not None:
+                self.budget.give_back()
+            self.shard.close()
+            if self.cache is not None:
+                self.cache.close()
+            if self.session is not None and self.session.connector is not None:
+                self.session.connector._close()  # the loop is gone: close the sockets without awaiting
 
     async def _open(self) -> Router:
         """The request path, once per actor (the session needs the actor's event loop)."""
@@ -94,7 +108,7 @@ class RayWorker:
             if t.label in self.facts:
                 t.price_in, t.price_out, t.prefix = self.facts[t.label]
         self.stats = [t.stats for t in targets]
-        session = await self._exit.enter_async_context(open_session(self.concurrency))
+        session = self.session = await self._exit.enter_async_context(open_session(self.concurrency))
         if job.run.cache != "off":
             self.cache = ResponseCache(job.run.cache_path or default_cache_path(), job.run.cache)
         journal = SpendJournal(job.output.path, f"{self.run_id}.{self.key}")

@@ -26,6 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from batch.answers import Checker, make_checker
 from batch.attempts import AttemptLog
 from batch.budget import Budget
@@ -170,7 +172,9 @@ async def _run_locked(job: Job, options: RunOptions, started: float) -> Summary:
     try:
         manifest = prepare_output(job, fresh=options.fresh, force=options.force)
         close_unfinished(out, manifest)
-        await _fold_ray_shards(job, plan)
+        if (out / SHARDS_DIR).is_dir():  # a Ray run's driver was killed: its workers' answers into parts first
+            await fold_shards(out, _schema(job, plan), flush_rows=job.output.flush_rows,
+                              flush_seconds=job.output.flush_seconds)
         resume = resume_state(out, report, retry_errors=options.retry_errors,
                               retry_truncated=options.retry_truncated)
         summary.rows_skipped = resume.skipped
@@ -280,10 +284,8 @@ async def _send_all(job: Job, plan: Plan, report: ScanReport, resume: Resume, li
                          "request. Raise max_cost_usd and rerun to resume.", collect_batches=True)
 
         checker = _checker(job)
-        schema = result_schema(plan.keep_types, raw_response=job.output.raw_response,
-                               parsed=checker.parsed_type if checker else None)
         async with open_session(job.run.concurrency) as session, Sink(
-            out, schema, flush_rows=job.output.flush_rows, flush_seconds=job.output.flush_seconds,
+            out, _schema(job, plan), flush_rows=job.output.flush_rows, flush_seconds=job.output.flush_seconds,
         ) as sink:
             if job.run.check_models and job.run.cache != "replay":
                 await check_models(job, session, targets, progress)
@@ -304,17 +306,6 @@ async def _send_all(job: Job, plan: Plan, report: ScanReport, resume: Resume, li
     return targets, [lanes.stats] if lanes is not None else []
 
 
-async def _fold_ray_shards(job: Job, plan: Plan) -> None:
-    """Rows a Ray run's workers answered that its killed driver never wrote: into parts now."""
-    if not (job.output.path / SHARDS_DIR).is_dir():
-        return
-    checker = _checker(job)
-    schema = result_schema(plan.keep_types, raw_response=job.output.raw_response,
-                           parsed=checker.parsed_type if checker else None)
-    await fold_shards(job.output.path, schema, flush_rows=job.output.flush_rows,
-                      flush_seconds=job.output.flush_seconds)
-
-
 async def _send_on_ray(job: Job, plan: Plan, report: ScanReport, resume: Resume, limit: int | None,
                        options: RunOptions, run_id: str, stop: Stop, tally: Tally, progress: Progress
                        ) -> list[Target]:
@@ -322,11 +313,9 @@ async def _send_on_ray(job: Job, plan: Plan, report: ScanReport, resume: Resume,
         from batch.ray_engine import send_on_ray
     except ImportError as exc:
         raise JobError(f"--ray needs Ray: pip install 'batch[ray]' ({exc}); nothing was sent") from None
-    checker = _checker(job)
     async with _maybe_sim(job) as sim_url:
-        return await send_on_ray(job, plan, report, resume, limit, run_id, options.ray_workers, options.ray_address,
-                                 options.grace_seconds, stop, tally, progress, sim_url,
-                                 checker.parsed_type if checker else None)
+        return await send_on_ray(job, report, resume, limit, run_id, options.ray_workers, options.ray_address,
+                                 options.grace_seconds, stop, tally, progress, sim_url, _schema(job, plan))
 
 
 def _gone_message(job: Job, t: Target, targets: list[Target]) -> str:
@@ -354,6 +343,12 @@ def _check_priced(job: Job, targets: list[Target]) -> None:
         raise JobError(f"run.max_cost_usd needs a price for {', '.join(unpriced)}: neither the job, the built-in "
                        "table nor the provider's model list gives one. Set price_input_per_million and "
                        "price_output_per_million in [[models]]; nothing was sent")
+
+
+def _schema(job: Job, plan: Plan) -> pa.Schema:
+    checker = _checker(job)
+    return result_schema(plan.keep_types, raw_response=job.output.raw_response,
+                         parsed=checker.parsed_type if checker else None)
 
 
 def _checker(job: Job) -> Checker | None:

@@ -119,6 +119,20 @@ class TestGlobalLimit:
         assert wall > 300 / (rpm / 60) - 2  # paced, not bursted
 
 
+class TestBudget:
+    def test_cost_cap_holds_across_workers(self, cluster: str, tmp_path: Path, sim_factory: Factory) -> None:
+        """max_cost_usd is one cap for all workers: the run stops with exit 3, billed no more than the cap."""
+        sim = sim_factory(latency_ms=5)
+        cap = 0.002
+        job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(400)), base_url=sim.base_url,
+                        run={"max_cost_usd": cap})
+        summary = batch.run(batch.load_job(job), quiet=True, engine="ray", ray_workers=3)
+        assert summary.exit_code == 3 and "budget reached" in (summary.stop_reason or "")
+        assert 0 < summary.rows_total < 400
+        assert sim.counters.billed_usd <= cap
+        assert len(results(tmp_path / "out")) == summary.rows_total
+
+
 class TestCli:
     def test_locked_output_exits_2_and_stats_reads_a_ray_output(self, cluster: str, tmp_path: Path,
                                                                 sim: SimThread) -> None:
