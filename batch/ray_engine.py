@@ -129,6 +129,8 @@ async def send_on_ray(job: Job, report: ScanReport, resume: Resume, limit: int |
         async with Sink(out, schema, flush_rows=job.output.flush_rows, flush_seconds=job.output.flush_seconds) as sink:
             await _consume(_dataset(table, n, worker_args), resume, sink, service, grace_seconds, stop, tally,
                            progress)
+            if stop.reason is None and (reason := await service.stopped.remote()) is not None:
+                stop.request(reason)  # a worker's stop that came after the monitor's last look
             await sink.drain()
             if sink.error is not None:
                 stop.request(str(sink.error))
