@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import signal
 import threading
 import time
@@ -309,10 +310,10 @@ async def _send_all(job: Job, plan: Plan, report: ScanReport, resume: Resume, li
 async def _send_on_ray(job: Job, plan: Plan, report: ScanReport, resume: Resume, limit: int | None,
                        options: RunOptions, run_id: str, stop: Stop, tally: Tally, progress: Progress
                        ) -> list[Target]:
-    try:
-        from batch.ray_engine import send_on_ray
-    except ImportError as exc:
-        raise JobError(f"--ray needs Ray: pip install 'batch[ray]' ({exc}); nothing was sent") from None
+    if importlib.util.find_spec("ray") is None:
+        raise JobError("--ray needs Ray: pip install 'batch[ray]'; nothing was sent")
+    from batch.ray_engine import send_on_ray
+
     async with _maybe_sim(job) as sim_url:
         return await send_on_ray(job, report, resume, limit, run_id, options.ray_workers, options.ray_address,
                                  options.grace_seconds, stop, tally, progress, sim_url, _schema(job, plan))

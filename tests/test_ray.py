@@ -100,6 +100,20 @@ class TestExactlyOnce:
         assert not (out / "ray").exists()
 
 
+    def test_retry_errors_on_ray_replaces_rows_in_place(self, cluster: str, tmp_path: Path,
+                                                         sim_factory: Factory) -> None:
+        """--retry-errors on a Ray run's output redoes its error rows on Ray: still one row per id."""
+        sim = sim_factory(latency_ms=2, faults={"content_filter": 0.3}, seed=5)
+        job = batch.load_job(write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(200)),
+                                       base_url=sim.base_url))
+        first = batch.run(job, quiet=True, engine="ray")
+        assert first.exit_code == 1 and first.rows_error > 0
+        again = batch.run(job, quiet=True, engine="ray", retry_errors=True)
+        assert again.rows_this_run == first.rows_error and again.rows_error < first.rows_error
+        table = results(tmp_path / "out")
+        assert len(table) == 200 and table["id"].is_unique
+
+
 class TestGlobalLimit:
     def test_four_workers_share_one_limit(self, cluster: str, tmp_path: Path, sim_factory: Factory) -> None:
         """300 rows on 4 workers against 1,800 rpm enforced per second too: no second over 30 admitted
