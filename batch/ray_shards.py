@@ -7,6 +7,11 @@ returns it, to its own shard file::
 
     OUT/ray/RUN_ID/WORKER.shard     records: 4-byte little-endian length, then the pickled Result
 
+Pickle rather than JSON lines or Arrow IPC: a Result round-trips exactly
+(bytes bodies, parsed values of any type, the kept input columns), one
+record costs one ``dumps``, and the same bytes go back to the driver. The
+files are batch's own, read only by the same version of batch.
+
 A record is one ``write`` on an ``O_APPEND`` descriptor: a worker killed a
 microsecond later loses nothing (the kernel has the bytes); a half record at
 the end (a power cut) is ignored. Before sending, a worker skips ids already

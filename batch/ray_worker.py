@@ -18,6 +18,12 @@ resume, as in a local run.
 
 The requests of a block are rebuilt by reading the input again
 (``requests_of``): the dataset Ray moves carries only row numbers and ids.
+
+Counters: after each block a worker writes its ``ModelStats`` whole to
+``OUT/ray/RUN_ID/WORKER.stats``; the driver adds them up for stats.parquet
+and the summary. A worker that crashes loses the counters of the block it
+was in (its answers are safe in its shard, its spend in its journal until
+the run ends).
 """
 
 from __future__ import annotations
