@@ -16,8 +16,11 @@ reached) is the actor's stop reason: workers poll it, stop starting
 requests and return what they answered; rows not started are left for a
 resume, as in a local run.
 
-The requests of a block are rebuilt by reading the input again
-(``requests_of``): the dataset Ray moves carries only row numbers and ids.
+The requests of a block are rebuilt from the job's input (the dataset Ray
+moves carries only row numbers and ids): an ``InputCursor`` per worker
+reads on from where the last block ended, since a worker gets its blocks in
+input order, so each worker reads the input about once; a block from
+further back (a retried one) starts the read over.
 
 Counters: after each block a worker writes its ``ModelStats`` whole to
 ``OUT/ray/RUN_ID/WORKER.stats``; the driver adds them up for stats.parquet
@@ -36,6 +39,7 @@ import pickle
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -44,13 +48,14 @@ import pyarrow as pa
 from batch.cache import ResponseCache, default_cache_path
 from batch.errors import FatalError
 from batch.job import Job
-from batch.plan import make_plan, requests_of
+from batch.plan import Plan, make_plan, requests_of
 from batch.prompts import Request
 from batch.provider import open_session
 from batch.ray_limits import ClusterBudget, ClusterLimiter, service_handle
 from batch.ray_shards import SUFFIX, ShardIndex, ShardWriter, run_folder
-from batch.result import Result, error_result
+from batch.result import error_result
 from batch.router import Router, RunStopped
+from batch.sources import RowBatch
 from batch.runner import _checker, _policy
 from batch.spend import SpendJournal
 from batch.stats import ModelStats
@@ -80,6 +85,7 @@ class RayWorker:
         self.exit_after = exit_after  # tests: os._exit after this many answers (once per run)
         self.answered = 0
         self.plan = make_plan(job)
+        self.cursor = InputCursor(self.plan, keep_problems=job.run.on_bad_row != "skip")
         self.index = ShardIndex(self.folder)
         self.shard = ShardWriter(self.folder / f"{self.key}{SUFFIX}")
         self.service = service_handle(job.output.path)
@@ -160,7 +166,7 @@ class RayWorker:
                 blobs.append(stored[id_])
             else:
                 todo[id_] = row
-        requests = requests_of(self.plan, None, set(todo), keep_problems=self.job.run.on_bad_row != "skip")
+        requests = self.cursor.requests({row: id_ for id_, row in todo.items()})
         watch = asyncio.create_task(self._watch(router))
         try:
             answers = await asyncio.gather(*(self._one(router, req) for req in requests))
@@ -222,6 +228,43 @@ class RayWorker:
         temp = path.with_name(f".{path.name}.tmp")
         temp.write_bytes(pickle.dumps(self.stats, protocol=pickle.HIGHEST_PROTOCOL))
         os.replace(temp, path)
+
+
+class InputCursor:
+    """The Requests of given input rows, reading the input forward from the last block's end."""
+
+    def __init__(self, plan: Plan, *, keep_problems: bool) -> None:
+        self.plan, self.keep_problems = plan, keep_problems
+        self._batches: Iterator[RowBatch] | None = None
+        self._held: RowBatch | None = None  # the input batch the last block ended in
+        self._next_start = 0  # the first row of the next batch the reader gives
+
+    def requests(self, rows: dict[int, str]) -> list[Request]:
+        """``rows``: row number -> id. Rows whose id the input no longer has there are looked up by id."""
+        if not rows:
+            return []
+        first, last = min(rows), max(rows)
+        if self._batches is None or (self._held is not None and first < self._held.start) or \
+                (self._held is None and first < self._next_start):
+            self._batches, self._held, self._next_start = self.plan.batches(on_bad_line=lambda n, m: None), None, 0
+        found: list[Request] = []
+        seen: set[str] = set()
+        while (batch := self._held or next(self._batches, None)) is not None:
+            self._held, self._next_start = None, batch.start + batch.size
+            if batch.start + batch.size <= first:
+                continue
+            skip = [batch.start + i not in rows for i in range(batch.size)]
+            for r in self.plan.builder.build(batch, self.plan.builder.ids(batch), skip):
+                if rows.get(r.row) == r.id:
+                    seen.add(r.id)
+                    if r.problem is None or self.keep_problems:
+                        found.append(r)
+            if batch.start + batch.size > last:
+                self._held = batch  # the next block may start in it
+                break
+        if len(seen) < len(rows):  # not where the scan saw them (cannot happen with an unchanged input)
+            found += requests_of(self.plan, None, set(rows.values()) - seen, keep_problems=self.keep_problems)
+        return found
 
 
 def read_worker_stats(folder: Path) -> list[list[ModelStats]]:
