@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
     r.add_argument("--cache", choices=CACHE_MODES, help="override run.cache: off, read-write, or replay "
                    "(send nothing; rows not in the cache fail)")
+    r.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run on Ray (pip install 'batch[ray]'): join the cluster at ADDRESS (ray://host:10001 or "
+                        "host:6379), or start a local one when no address is given")
+    r.add_argument("--ray-workers", type=int, metavar="N", help="with --ray: worker actors (default 2)")
     r.add_argument("--cache-path", type=Path, help="override run.cache_path (the SQLite response cache)")
 
     add_validate_parser(sub)
@@ -145,7 +149,10 @@ def _run(args: argparse.Namespace) -> int:
     if given := {k: v for k, v in run_overrides.items() if v is not None}:
         job = dataclasses.replace(job, run=dataclasses.replace(job.run, **given))
     options = RunOptions(retry_errors=args.retry_errors, retry_truncated=args.retry_truncated, force=args.force, fresh=args.fresh,
-                         limit=args.limit, quiet=args.quiet)
+                         limit=args.limit, quiet=args.quiet, engine="local" if args.ray is None else "ray",
+                         ray_address=args.ray or None, ray_workers=args.ray_workers)
+    if args.ray_workers is not None and args.ray_workers < 1:
+        raise JobError("--ray-workers: expected a positive integer")
     summary = asyncio.run(run_async(job, options))
     if args.json:
         print(orjson.dumps(summary_dict(summary), option=orjson.OPT_INDENT_2).decode())

@@ -118,7 +118,8 @@ def close_unfinished(out: Path, manifest: dict[str, Any]) -> None:
             entry["outcome"] = "killed"  # we hold the lock, so it is not running any more
             entry["stop_reason"] = "the process ended without finishing (kill -9, crash or power cut)"
     known = recorded_runs(out)
-    orphans = {run_id: path for run_id, path in orphan_journals(out).items() if run_id not in known}
+    orphans = {run_id: path for run_id, path in orphan_journals(out).items()
+               if run_id.split(".")[0] not in known}  # a Ray worker's journal: RUN_ID.WORKER
     unrecorded = _answers_unrecorded(out) if orphans else {}
     for run_id, path in orphans.items():
         usage = journal_usage(path)

@@ -319,9 +319,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def requests_of(plan: Plan, old_parts: pa.Array | None, ids: set[str]) -> list[Request]:
+def requests_of(plan: Plan, old_parts: pa.Array | None, ids: set[str], *, keep_problems: bool = False
+                ) -> list[Request]:
     """The Requests of these rows, built from the input again (one read for a whole set); a redone row
-    (--retry-*) carries the part holding its old result."""
+    (--retry-*) carries the part holding its old result. ``keep_problems``: rows that cannot become a
+    request too (the router makes them error rows)."""
     if not ids:
         return []
     found = []
@@ -333,7 +335,7 @@ def requests_of(plan: Plan, old_parts: pa.Array | None, ids: set[str]) -> list[R
             continue
         parts = old_parts.slice(batch.start, batch.size).to_pylist() if old_parts is not None else None
         for r in plan.builder.build(batch, row_ids, mask):
-            if r.problem is None:
+            if r.problem is None or keep_problems:
                 part = parts[r.row - batch.start] if parts is not None else -1
                 found.append(r if part < 0 else r._replace(replaces=part))
     return found

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import signal
 import threading
 import time
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
 
 from batch.answers import Checker, make_checker
 from batch.attempts import AttemptLog
@@ -43,7 +46,8 @@ from batch.pump import Pump, Stop
 from batch.router import Policy, Router, Target
 from batch.sim import SimConfig, Simulator
 from batch.sinks import Sink, result_schema
-from batch.spend import SpendJournal
+from batch.ray_shards import SHARDS_DIR, fold_shards
+from batch.spend import JOURNAL_PREFIX, SpendJournal, remove_journal
 from batch.stats import Usage, append_stats, stats_rows
 from batch.batch_records import BatchRecords
 from batch.lane_start import start_lanes
@@ -53,6 +57,7 @@ from batch.targets import build_targets, check_models
 
 GRACE_SECONDS = 30.0
 EXIT_OK, EXIT_ERRORS, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
+ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,6 +69,9 @@ class RunOptions:
     limit: int | None = None  # None: the job's run.limit, if any
     quiet: bool = False
     grace_seconds: float = GRACE_SECONDS
+    engine: str = "local"  # "ray": the same run on a Ray cluster (batch/ray_engine.py; pip install 'batch[ray]')
+    ray_address: str | None = None  # engine "ray": the cluster to join; None starts a local one for the run
+    ray_workers: int | None = None  # engine "ray": worker actors (default 2)
 
 
 @dataclass(slots=True)
@@ -118,6 +126,8 @@ async def run_async(job: Job, options: RunOptions | None = None, **overrides: An
     Options are a ``RunOptions`` or its fields as keywords (``quiet=True``).
     """
     options = _options(options, overrides)
+    if options.engine not in ENGINES:
+        raise JobError(f"engine: expected one of {', '.join(ENGINES)}, got {options.engine!r}")
     started = time.monotonic()
     check_setup(job)  # a missing key is said before a long scan (batch/preflight.py lists every check)
     with OutputLock(job.output.path):
@@ -163,12 +173,15 @@ async def _run_locked(job: Job, options: RunOptions, started: float) -> Summary:
     try:
         manifest = prepare_output(job, fresh=options.fresh, force=options.force)
         close_unfinished(out, manifest)
+        if (out / SHARDS_DIR).is_dir():  # a Ray run's driver was killed: its workers' answers into parts first
+            await fold_shards(out, _schema(job, plan), flush_rows=job.output.flush_rows,
+                              flush_seconds=job.output.flush_seconds)
         resume = resume_state(out, report, retry_errors=options.retry_errors,
                               retry_truncated=options.retry_truncated)
         summary.rows_skipped = resume.skipped
         summary.rows_input = report.rows - (report.bad_rows + report.missing_ids
                                             if job.run.on_bad_row == "skip" else 0)
-        if "batch" not in job.run.lanes:
+        if "batch" not in job.run.lanes and options.engine != "ray":
             report.ids = None  # not needed any more: free them before sending (the batch lane needs them)
         progress = Progress(summary.rows_input, quiet=options.quiet, done_before=resume.before)
         await _run_output(job, plan, report, resume, options, cache, manifest, summary, progress)
@@ -202,8 +215,12 @@ async def _run_output(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
     journal = SpendJournal(out, run_id)
     log = AttemptLog(out, run_id, flush_seconds=job.output.flush_seconds) if job.output.attempt_log else None
     try:
-        targets, lane_stats = await _send_all(job, plan, report, resume, limit, options, cache, (journal, log),
-                                              stop, tally, progress)
+        lane_stats: list[ModelStats] = []
+        if options.engine == "ray":
+            targets = await _send_on_ray(job, plan, report, resume, limit, options, run_id, stop, tally, progress)
+        else:
+            targets, lane_stats = await _send_all(job, plan, report, resume, limit, options, cache, (journal, log),
+                                                  stop, tally, progress)
     except JobError as exc:  # found only once the providers were asked (check_models): nothing was sent
         entry.update(ended=_now(), outcome="refused", stop_reason=str(exc))
         write_manifest(out, manifest)
@@ -224,6 +241,9 @@ async def _run_output(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
                          for s in [*(t.stats for t in targets), *lane_stats]}
     _tally_up(out, summary, tally, stop.reason, limit)
     _finish_output(out, run_id, manifest, entry, summary, tally, journal)
+    if options.engine == "ray" and not journal.path.exists():  # deleted once stats.parquet was written
+        for path in out.glob(f"{JOURNAL_PREFIX}{run_id}.*.bin"):  # the Ray workers': stats.parquet has them now
+            remove_journal(path)
 
 
 def _tally_up(out: Path, summary: Summary, tally: Tally, stopped: str | None, limit: int | None) -> None:
@@ -265,10 +285,8 @@ async def _send_all(job: Job, plan: Plan, report: ScanReport, resume: Resume, li
                          "request. Raise max_cost_usd and rerun to resume.", collect_batches=True)
 
         checker = _checker(job)
-        schema = result_schema(plan.keep_types, raw_response=job.output.raw_response,
-                               parsed=checker.parsed_type if checker else None)
         async with open_session(job.run.concurrency) as session, Sink(
-            out, schema, flush_rows=job.output.flush_rows, flush_seconds=job.output.flush_seconds,
+            out, _schema(job, plan), flush_rows=job.output.flush_rows, flush_seconds=job.output.flush_seconds,
         ) as sink:
             if job.run.check_models and job.run.cache != "replay":
                 await check_models(job, session, targets, progress)
@@ -287,6 +305,18 @@ async def _send_all(job: Job, plan: Plan, report: ScanReport, resume: Resume, li
             if sink.error is not None:
                 stop.request(str(sink.error))
     return targets, [lanes.stats] if lanes is not None else []
+
+
+async def _send_on_ray(job: Job, plan: Plan, report: ScanReport, resume: Resume, limit: int | None,
+                       options: RunOptions, run_id: str, stop: Stop, tally: Tally, progress: Progress
+                       ) -> list[Target]:
+    if importlib.util.find_spec("ray") is None:
+        raise JobError("--ray needs Ray: pip install 'batch[ray]'; nothing was sent")
+    from batch.ray_engine import send_on_ray
+
+    async with _maybe_sim(job) as sim_url:
+        return await send_on_ray(job, report, resume, limit, run_id, options.ray_workers, options.ray_address,
+                                 options.grace_seconds, stop, tally, progress, sim_url, _schema(job, plan))
 
 
 def _gone_message(job: Job, t: Target, targets: list[Target]) -> str:
@@ -314,6 +344,12 @@ def _check_priced(job: Job, targets: list[Target]) -> None:
         raise JobError(f"run.max_cost_usd needs a price for {', '.join(unpriced)}: neither the job, the built-in "
                        "table nor the provider's model list gives one. Set price_input_per_million and "
                        "price_output_per_million in [[models]]; nothing was sent")
+
+
+def _schema(job: Job, plan: Plan) -> pa.Schema:
+    checker = _checker(job)
+    return result_schema(plan.keep_types, raw_response=job.output.raw_response,
+                         parsed=checker.parsed_type if checker else None)
 
 
 def _checker(job: Job) -> Checker | None:

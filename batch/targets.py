@@ -5,7 +5,7 @@ model lists say about prices, availability and structured outputs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import aiohttp
 
@@ -22,10 +22,18 @@ from batch.steer import Steering
 from batch.target import Target, model_prefix
 
 
-def build_targets(job: Job, sim_url: str | None, body_models: Iterable[str] = ()
-             ) -> tuple[list[Target], dict[str, list[Target]]]:
+LimiterFactory = Callable[[str, float | None, float | None], ModelLimiter]  # (label, rpm, tpm) -> limiter
+
+
+def _local_limiter(label: str, rpm: float | None, tpm: float | None) -> ModelLimiter:
+    return ModelLimiter(rpm, tpm)
+
+
+def build_targets(job: Job, sim_url: str | None, body_models: Iterable[str] = (),
+                  make_limiter: LimiterFactory = _local_limiter) -> tuple[list[Target], dict[str, list[Target]]]:
     """The job's chain, and for OpenAI Batch lines that name their own model (body_model = "keep"),
-    a chain starting at that model: on the first model's provider unless the chain already has it."""
+    a chain starting at that model: on the first model's provider unless the chain already has it.
+    ``make_limiter``: the Ray engine's workers share one limiter per model across the cluster."""
     endpoints: dict[str, Endpoint] = {}
     require_key = job.run.cache != "replay"  # replay sends nothing, so CI needs no key
 
@@ -38,7 +46,7 @@ def build_targets(job: Job, sim_url: str | None, body_models: Iterable[str] = ()
         p_in, p_out = prices_for(m.model, m.price_input_per_million, m.price_output_per_million, m.service_tier)
         facts = facts_for(m.model)
         rf = _response_format(job, facts.response_formats if facts else None)
-        limiter = ModelLimiter(m.requests_per_minute, m.tokens_per_minute)
+        limiter = make_limiter(m.label, m.requests_per_minute, m.tokens_per_minute)
         return Target(
             level=level, model=m.model, provider=m.provider,
             prefix=model_prefix(m.model, server_fallback, rf, m.service_tier), server_fallback=tuple(server_fallback),
