@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-lanes test venv clean bench
+.PHONY: demo demo-lanes demo-report test venv clean bench
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ demo: $(STAMP)
 demo-lanes: $(STAMP)
 	$(BIN)/batch run jobs/overnight.toml --fresh
 	$(BIN)/batch status out/overnight
+
+# the demo on a bad night (per-second limit, 5xx, the first model down for 5 s), then its run report (~1 min)
+demo-report: $(STAMP)
+	$(BIN)/batch run jobs/demo-faults.toml --fresh
+	$(BIN)/batch report out/demo-faults
 
 # mypy --strict on batch/ first (a few seconds): a typing break fails `make test`, and so CI
 test: $(STAMP)
