@@ -165,7 +165,7 @@ def _stats(args: argparse.Namespace) -> int:
 
     path = args.output / "stats.parquet"
     if not path.exists():
-        raise OutputError(f"{path}: not found; is {args.output} the output.path of a job that has run?")
+        return _stats_before_end(args)
     runs = pq.read_table(path).to_pylist()
     for r in runs:
         r["errors_by_type"] = dict(r["errors_by_type"] or [])
@@ -210,6 +210,27 @@ def _stats(args: argparse.Namespace) -> int:
     if total["invalid_outputs"]:
         print(f"answers that failed [output_format]: {total['invalid_outputs']}, repairs asked: {total['repairs']} "
               "(both billed, and included above)")
+    return 0
+
+
+def _stats_before_end(args: argparse.Namespace) -> int:
+    """No stats.parquet: a first run still going, or one killed before it ended. What results/ holds so far."""
+    from batch.store import MANIFEST, Ledger
+
+    out: Path = args.output
+    if not (out / MANIFEST).exists():
+        raise OutputError(f"{out / 'stats.parquet'}: not found, and no {MANIFEST}: {out} is not a batch output; "
+                          "give the output.path of a job")
+    ledger = Ledger.read(out)
+    rows = len(ledger.ids)
+    results = {"rows": rows, "ok": ledger.ok, "error": ledger.errors}
+    note = (f"no stats yet: stats.parquet is written when a run ends; {rows:,} rows in results/ so far "
+            f"({ledger.ok:,} ok, {ledger.errors:,} error)")
+    if args.json:
+        print(orjson.dumps({"runs": [], "models": {}, "lanes": {}, "total": {}, "results": results, "note": note},
+                           option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(note)
     return 0
 
 

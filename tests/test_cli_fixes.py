@@ -1,0 +1,38 @@
+"""The command line's answers on outputs that are half made, busy, or not outputs at all; argument checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+from batch.sim import SimThread
+from tests.conftest import run_cli, write_job, write_jsonl
+
+Factory = Callable[..., SimThread]
+
+
+def rows(n: int) -> list[dict[str, object]]:
+    return [{"id": f"r{i}", "text": f"row {i}"} for i in range(n)]
+
+
+class TestStatsBeforeARunEnds:
+    def test_stats_without_stats_file_reads_results(self, tmp_path: Path, sim: SimThread) -> None:
+        """An output whose run has not ended (no stats.parquet yet: a first run, or kill -9) is not
+        'not an output': stats says so, counts the rows in results/, and exits 0."""
+        job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(30)), base_url=sim.base_url)
+        assert run_cli("run", str(job), "--quiet").returncode == 0
+        out = tmp_path / "out"
+        (out / "stats.parquet").unlink()  # as a run killed before its end leaves it
+        stats = run_cli("stats", str(out))
+        assert stats.returncode == 0, stats.stderr
+        assert "no stats yet: stats.parquet is written when a run ends; 30 rows in results/ so far" in stats.stdout
+        assert "30 ok, 0 error" in stats.stdout
+        as_json = run_cli("stats", str(out), "--json")
+        assert as_json.returncode == 0 and orjson.loads(as_json.stdout)["results"] == {"rows": 30, "ok": 30,
+                                                                                      "error": 0}
+
+    def test_stats_on_a_directory_that_is_not_an_output(self, tmp_path: Path) -> None:
+        stats = run_cli("stats", str(tmp_path))
+        assert stats.returncode == 2 and "not a batch output" in stats.stderr
