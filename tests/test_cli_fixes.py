@@ -36,3 +36,19 @@ class TestStatsBeforeARunEnds:
     def test_stats_on_a_directory_that_is_not_an_output(self, tmp_path: Path) -> None:
         stats = run_cli("stats", str(tmp_path))
         assert stats.returncode == 2 and "not a batch output" in stats.stderr
+
+
+class TestValidateSeesTheLock:
+    def test_validate_blocks_on_an_output_another_process_holds(self, tmp_path: Path, sim: SimThread) -> None:
+        """run exits 2 on an output another batch process holds; validate says so too (exit 2), not 'ready to
+        run', and leaves the holder's lock alone."""
+        from batch.lock import OutputLock
+
+        job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(5)), base_url=sim.base_url)
+        with OutputLock(tmp_path / "out", "batch run job.toml"):
+            checked = run_cli("validate", str(job))
+            assert checked.returncode == 2, checked.stdout
+            assert "blocking:" in checked.stdout and "in use by another batch process (pid" in checked.stdout
+            assert "batch run job.toml" in checked.stdout and "ready to run" not in checked.stdout
+            assert run_cli("run", str(job), "--quiet").returncode == 2
+        assert run_cli("validate", str(job)).returncode == 0  # released: ready again
