@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
 
     add_sim_parser(sub)
     add_status_parser(sub)
+    for parser in (p, *sub.choices.values()):  # "--fr" must not silently mean "--fresh"
+        parser.allow_abbrev = False
     return p
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 
 from batch.sim import SimThread
-from tests.conftest import run_cli, write_job, write_jsonl
+from tests.conftest import ROOT, run_cli, write_job, write_jsonl
 
 Factory = Callable[..., SimThread]
 
@@ -52,3 +56,28 @@ class TestValidateSeesTheLock:
             assert "batch run job.toml" in checked.stdout and "ready to run" not in checked.stdout
             assert run_cli("run", str(job), "--quiet").returncode == 2
         assert run_cli("validate", str(job)).returncode == 0  # released: ready again
+
+
+class TestFreshStopHint:
+    def test_ctrl_c_on_a_fresh_run_says_rerun_without_fresh(self, tmp_path: Path, sim_factory: Factory) -> None:
+        """The same command of a --fresh run deletes what it wrote: its stop hint says to rerun without --fresh."""
+        sim = sim_factory(latency_ms=50)
+        job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(400)), base_url=sim.base_url,
+                        run={"concurrency": 2})
+        proc = subprocess.Popen([sys.executable, "-m", "batch", "run", str(job), "--fresh", "--quiet"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while sim.counters.requests < 10:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 3, err
+        assert "rerun without --fresh to resume" in err and "rerun the same command" not in err
+
+    def test_abbreviated_options_are_refused(self, tmp_path: Path) -> None:
+        """`--fr` is not `--fresh`: abbreviations are an argparse error (exit 2), not a silent delete."""
+        job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(2)), base_url="http://127.0.0.1:9")
+        done = run_cli("run", str(job), "--fr")
+        assert done.returncode == 2 and "unrecognized arguments: --fr" in done.stderr
+        assert not (tmp_path / "out").exists()
