@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
+import pytest
 
 from batch.sim import SimThread
 from tests.conftest import ROOT, run_cli, write_job, write_jsonl
@@ -81,3 +82,23 @@ class TestFreshStopHint:
         done = run_cli("run", str(job), "--fr")
         assert done.returncode == 2 and "unrecognized arguments: --fr" in done.stderr
         assert not (tmp_path / "out").exists()
+
+
+class TestPastDeadline:
+    @pytest.mark.parametrize(("deadline", "said"), [
+        ("2020-01-01T07:00:00+01:00", "'2020-01-01T07:00:00+01:00' (2020-01-01 06:00:00 UTC) has already passed"),
+        ("0m", "'0m' is a duration of 0")])
+    def test_a_deadline_that_leaves_no_time_is_a_job_error(self, tmp_path: Path, deadline: str, said: str) -> None:
+        """validate refused nothing and run only said 'not enough time before the deadline'."""
+        job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(2)),
+                        base_url="http://127.0.0.1:9", run={"deadline": deadline})
+        for command in ("validate", "run"):
+            done = run_cli(command, str(job))
+            assert done.returncode == 2 and f"run.deadline: {said}" in done.stderr, done.stderr
+
+    @pytest.mark.parametrize("deadline", ["07:00", "07:00:00", "23:59:59"])
+    def test_a_time_of_day_is_the_next_one(self, tmp_path: Path, sim: SimThread, deadline: str) -> None:
+        job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(2)), base_url=sim.base_url,
+                        run={"deadline": deadline})
+        done = run_cli("validate", str(job))
+        assert done.returncode == 0, done.stdout + done.stderr
