@@ -166,7 +166,7 @@ def _stats(args: argparse.Namespace) -> int:
     from batch.stats import COUNTERS
 
     path = args.output / "stats.parquet"
-    if not path.exists():
+    if args.output.is_file() or not path.exists():
         return _stats_before_end(args)
     runs = pq.read_table(path).to_pylist()
     for r in runs:
@@ -217,12 +217,10 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _stats_before_end(args: argparse.Namespace) -> int:
     """No stats.parquet: a first run still going, or one killed before it ended. What results/ holds so far."""
-    from batch.store import MANIFEST, Ledger
+    from batch.output import existing_output
+    from batch.store import Ledger
 
-    out: Path = args.output
-    if not (out / MANIFEST).exists():
-        raise OutputError(f"{out / 'stats.parquet'}: not found, and no {MANIFEST}: {out} is not a batch output; "
-                          "give the output.path of a job")
+    out = existing_output(args.output, "stats")
     ledger = Ledger.read(out)
     rows = len(ledger.ids)
     results = {"rows": rows, "ok": ledger.ok, "error": ledger.errors}
@@ -265,10 +263,10 @@ def _estimate(args: argparse.Namespace) -> int:
 
 def _compact(args: argparse.Namespace) -> int:
     from batch.lock import OutputLock
+    from batch.output import existing_output
     from batch.store import compact, reconcile
 
-    if not args.output.is_dir():
-        raise OutputError(f"{args.output}: no such output directory; give the output.path of a job that has run")
+    existing_output(args.output, "compact")  # before the lock: no lock file in a directory that is no output
     dest = args.to or args.output / "results.parquet"
     with OutputLock(args.output):  # it rewrites parts of outputs made by batch before 0.2: one writer at a time
         reconcile(args.output)
@@ -323,11 +321,10 @@ def _report(args: argparse.Namespace) -> int:
     except ImportError:
         print(f"error: {REPORT_EXTRA_MISSING}", file=sys.stderr)
         return EXIT_INVALID
+    from batch.output import existing_output
     from batch.report_html import watch, write_report
 
-    out: Path = args.output
-    if not out.is_dir():
-        raise OutputError(f"{out}: not a directory; give the output.path of a job")
+    out = existing_output(args.output, "report")
     dest: Path = args.html or out / "report.html"
     if not args.live:
         write_report(out, dest)

@@ -15,7 +15,6 @@ from typing import Any
 import orjson
 
 from batch.batch_records import BatchRecords
-from batch.errors import OutputError
 
 
 def add_status_parser(sub: Any) -> None:
@@ -25,9 +24,9 @@ def add_status_parser(sub: Any) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    out: Path = args.output
-    if not out.is_dir():
-        raise OutputError(f"{out}: no such output directory; give the output.path of a job that has run")
+    from batch.output import existing_output
+
+    out = existing_output(args.output, "status")
     records = BatchRecords(out, writer=False).records()  # a run may be writing beside us
     if args.json:
         print(orjson.dumps({"batches": [dataclasses.asdict(r) for r in records]}, option=orjson.OPT_INDENT_2).decode())

@@ -38,6 +38,28 @@ from batch.store import MANIFEST, RESULTS_DIR, Ledger, part_files, read_manifest
 _PART_TEMPS = (".part-",)  # hidden temporary and damaged part files
 
 
+def existing_output(path: Path, command: str) -> Path:
+    """``path`` when it is a batch output (it has a manifest.json), else OutputError (exit 2) saying what it is;
+    for the commands that read or rewrite an output (``command``: e.g. "report"), which must not write a report
+    or a lock file into a directory that is not one."""
+    if path.is_file() and path.suffix == ".toml":
+        from batch.errors import JobError
+        from batch.job import load_job
+
+        try:
+            named = load_job(path).output.path
+        except JobError:
+            raise OutputError(f"{path} is a job file, not an output directory; give the output.path of a "
+                              "job") from None
+        raise OutputError(f"{path} is a job file, not an output directory; its output is {named}: "
+                          f"batch {command} {named}")
+    if not path.is_dir():
+        raise OutputError(f"{path}: not a directory; give the output.path of a job")
+    if not (path / MANIFEST).is_file():
+        raise OutputError(f"{path} is not a batch output (no {MANIFEST}); give the output.path of a job")
+    return path
+
+
 def delete_previous(out: Path, embedded: frozenset[str] = frozenset()) -> None:
     """--fresh: delete what batch wrote in ``out``, and only in an output batch made. ``embedded``: the
     job's providers that are the embedded simulator, whose batches ended with their run."""

@@ -102,3 +102,24 @@ class TestPastDeadline:
                         run={"deadline": deadline})
         done = run_cli("validate", str(job))
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+class TestOnlyOutputs:
+    @pytest.mark.parametrize("command", ["report", "status", "compact", "stats"])
+    def test_a_directory_without_manifest_is_refused_and_left_untouched(self, tmp_path: Path, command: str) -> None:
+        """report wrote report.html into any directory; compact left a .batch.lock in one. Now: exit 2, and
+        nothing written."""
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        done = run_cli(command, str(empty))
+        assert done.returncode == 2, done.stdout
+        assert f"{empty} is not a batch output (no manifest.json); give the output.path of a job" in done.stderr
+        assert list(empty.iterdir()) == []
+
+    @pytest.mark.parametrize("command", ["report", "status", "compact", "stats"])
+    def test_a_job_file_names_its_output(self, tmp_path: Path, command: str) -> None:
+        job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(2)), base_url="http://127.0.0.1:9")
+        done = run_cli(command, str(job))
+        assert done.returncode == 2
+        assert f"is a job file, not an output directory; its output is {tmp_path / 'out'}" in done.stderr
+        assert f"batch {command} {tmp_path / 'out'}" in done.stderr
