@@ -145,7 +145,10 @@ def _options(options: RunOptions | None, overrides: dict[str, Any]) -> RunOption
     if unknown := sorted(set(overrides) - known):
         raise TypeError(f"unknown run option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     base = options or RunOptions()
-    return RunOptions(**{**{k: getattr(base, k) for k in known}, **overrides})
+    options = RunOptions(**{**{k: getattr(base, k) for k in known}, **overrides})
+    if options.limit is not None and options.limit < 0:  # a negative limit once meant no limit at all
+        raise JobError(f"--limit {options.limit}: expected a number of rows, 0 or more (omit it for no limit)")
+    return options
 
 
 async def _run_locked(job: Job, options: RunOptions, started: float) -> Summary:

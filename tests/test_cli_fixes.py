@@ -123,3 +123,11 @@ class TestOnlyOutputs:
         assert done.returncode == 2
         assert f"is a job file, not an output directory; its output is {tmp_path / 'out'}" in done.stderr
         assert f"batch {command} {tmp_path / 'out'}" in done.stderr
+
+
+def test_a_negative_limit_is_refused(tmp_path: Path, sim: SimThread) -> None:
+    """`--limit -5` meant no limit: the whole input was sent. It is a usage error now; nothing is sent."""
+    job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(5)), base_url=sim.base_url)
+    done = run_cli("run", str(job), "--limit", "-5")
+    assert done.returncode == 2 and "--limit -5: expected a number of rows, 0 or more" in done.stderr
+    assert sim.counters.requests == 0 and not (tmp_path / "out").exists()
