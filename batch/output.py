@@ -30,7 +30,7 @@ from batch.catalog import SIM_BASE_URL
 from batch.errors import OutputError
 from batch.job import Job
 from batch.lock import LOCK_FILE
-from batch.plan import ScanReport, describe_changes, fingerprint
+from batch.plan import ScanReport, describe_changes, fingerprint, input_change
 from batch.spend import JOURNAL_PREFIX, journal_usage, orphan_journals, remove_journal
 from batch.stats import STATS_FILE, append_stats, previous_cost, recorded_runs, stats_rows
 from batch.store import MANIFEST, RESULTS_DIR, Ledger, part_files, read_manifest, reconcile, set_aside_damaged
@@ -109,7 +109,11 @@ def output_problem(job: Job, *, force: bool) -> str | None:
         if part_files(out / RESULTS_DIR) and not force:
             return f"{out}: holds results but no manifest.json; use --force to add to them or --fresh to start over"
         return None
-    changes = describe_changes(manifest.get("fingerprint", {}), fingerprint(job))
+    old, new = manifest.get("fingerprint", {}), fingerprint(job)
+    changes = describe_changes(old, new)
+    if len(changes) == 1 and changes[0].startswith("input (") and not force:  # the same job, new input
+        what = input_change(old.get("input"), new["input"])
+        return (f"{out}: the input changed since this output was started ({what}); --force to continue with it (rows already answered are kept), --fresh to start over")
     if changes and not force:
         return (f"{out}: holds answers to a different job; changed since: " + "; ".join(changes)
                 + ". Rerun with --force to mix them anyway, --fresh to start over, or use another output.path")

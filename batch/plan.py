@@ -307,11 +307,26 @@ def input_identity(path: Path) -> dict[str, Any]:
 
 
 def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two fingerprints, one line per key; the input as names and sizes."""
     changes = []
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
-            changes.append(f"{key}: {_short(old.get(key))} -> {_short(new.get(key))}")
+            changes.append(f"input ({input_change(old.get(key), new.get(key))})" if key == "input"
+                           else f"{key}: {_short(old.get(key))} -> {_short(new.get(key))}")
     return changes
+
+
+def input_change(old: Any, new: Any) -> str:
+    """Two input identities (``input_identity``) as a reader says it: "rev.jsonl: 32,734 -> 32,798 bytes"."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return f"{_short(old)} -> {_short(new)}"
+    name = new.get("name") if old.get("name") == new.get("name") else f"{old.get('name')} -> {new.get('name')}"
+    size_old, size_new = old.get("size"), new.get("size")
+    if not isinstance(size_old, int) or not isinstance(size_new, int):
+        return f"{name}: {_short(size_old)} -> {_short(size_new)} bytes"
+    if size_old == size_new:
+        return f"{name}: {size_new:,} bytes, other content"
+    return f"{name}: {size_old:,} -> {size_new:,} bytes"
 
 
 def _short(value: Any) -> str:

@@ -131,3 +131,21 @@ def test_a_negative_limit_is_refused(tmp_path: Path, sim: SimThread) -> None:
     done = run_cli("run", str(job), "--limit", "-5")
     assert done.returncode == 2 and "--limit -5: expected a number of rows, 0 or more" in done.stderr
     assert sim.counters.requests == 0 and not (tmp_path / "out").exists()
+
+
+def test_a_changed_input_is_said_in_words(tmp_path: Path, sim: SimThread) -> None:
+    """The refusal printed the fingerprint's raw dict (name, size, sample_hash); now names and sizes."""
+    data = write_jsonl(tmp_path / "rev.jsonl", rows(300))
+    job = write_job(tmp_path, input_path=data, base_url=sim.base_url)
+    assert run_cli("run", str(job), "--quiet").returncode == 0
+    before = data.stat().st_size
+    write_jsonl(data, rows(301))
+    for command in ("run", "validate"):
+        done = run_cli(command, str(job), "--quiet") if command == "run" else run_cli(command, str(job))
+        said = done.stderr + done.stdout
+        assert done.returncode == 2
+        assert (f"the input changed since this output was started (rev.jsonl: {before:,} -> {data.stat().st_size:,} "
+                "bytes); --force to continue with it (rows already answered are kept), --fresh to start over") in said
+        assert "sample_hash" not in said and "{" not in said
+    forced = run_cli("run", str(job), "--quiet", "--force")
+    assert forced.returncode == 0 and sim.counters.requests == 301
