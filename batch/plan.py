@@ -180,7 +180,8 @@ def scan(plan: Plan, interrupted: Callable[[], bool] = lambda: False) -> ScanRep
     if report.column_problems:
         return report
     id_arrays: list[pa.Array] = []
-    fields = plan.prompt_fields
+    # JSONL has no schema: a column the job names that no line has is a typo (keep_columns would be all null)
+    fields = {**{c: "input.keep_columns" for c in plan.job.input.keep_columns}, **plan.prompt_fields}
     keys_seen = KeysSeen(list(fields)) if fields and plan.job.input.format == "jsonl" else None
     for batch in plan.batches(on_bad_line=bad_line, keys_seen=keys_seen):
         if interrupted():

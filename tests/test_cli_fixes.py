@@ -149,3 +149,22 @@ def test_a_changed_input_is_said_in_words(tmp_path: Path, sim: SimThread) -> Non
         assert "sample_hash" not in said and "{" not in said
     forced = run_cli("run", str(job), "--quiet", "--force")
     assert forced.returncode == 0 and sim.counters.requests == 301
+
+
+def test_a_misspelt_keep_column_in_jsonl_is_a_job_error(tmp_path: Path, sim: SimThread) -> None:
+    """`keep_columns = ["prodcut"]` on JSONL made an all-null column; as for template fields, the keys the
+    input has decide, with the closest one offered. Parquet is checked against its schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = write_jsonl(tmp_path / "in.jsonl", [{**r, "product": "p"} for r in rows(4)])
+    pq.write_table(pa.Table.from_pylist([{**r, "product": "p"} for r in rows(4)]), tmp_path / "in.parquet")
+    for path in (data, tmp_path / "in.parquet"):
+        job = write_job(tmp_path, input_path=path, base_url=sim.base_url, input={"keep_columns": ["prodcut"]})
+        checked, ran = run_cli("validate", str(job)), run_cli("run", str(job), "--quiet")
+        for said in (checked.stdout, ran.stderr):
+            assert "input.keep_columns: no column 'prodcut' in the input; did you mean 'product'?" in said
+        assert checked.returncode == ran.returncode == 2
+    assert sim.counters.requests == 0
+    good = write_job(tmp_path, input_path=data, base_url=sim.base_url, input={"keep_columns": ["product"]})
+    assert run_cli("run", str(good), "--quiet").returncode == 0
