@@ -115,8 +115,12 @@ def output_problem(job: Job, *, force: bool) -> str | None:
         what = input_change(old.get("input"), new["input"])
         return (f"{out}: the input changed since this output was started ({what}); --force to continue with it (rows already answered are kept), --fresh to start over")
     if changes and not force:
+        errors = Ledger.read(out).errors
+        redo = (f" ({errors} of its rows are error rows, kept as they are: add --retry-errors to redo them)"
+                if errors else "")
         return (f"{out}: holds answers to a different job; changed since: " + "; ".join(changes)
-                + ". Rerun with --force to mix them anyway, --fresh to start over, or use another output.path")
+                + f". Rerun with --force to mix them anyway{redo}, --fresh to start over, or use another "
+                "output.path")
     return None
 
 

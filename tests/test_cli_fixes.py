@@ -168,3 +168,22 @@ def test_a_misspelt_keep_column_in_jsonl_is_a_job_error(tmp_path: Path, sim: Sim
     assert sim.counters.requests == 0
     good = write_job(tmp_path, input_path=data, base_url=sim.base_url, input={"keep_columns": ["product"]})
     assert run_cli("run", str(good), "--quiet").returncode == 0
+
+
+def test_error_rows_of_a_retired_model_point_to_retry_errors(tmp_path: Path, sim_factory: Factory) -> None:
+    """Every row an error (a retired model), then the model fixed: the refusal and the --force summary say
+    the rows have results, ok or error, and that --retry-errors redoes the error rows."""
+    sim = sim_factory(retired=("old/model",))
+    data = write_jsonl(tmp_path / "in.jsonl", rows(6))
+    old = write_job(tmp_path, input_path=data, base_url=sim.base_url,
+                    models=[{"provider": "local", "model": "old/model"}])
+    assert run_cli("run", str(old), "--quiet").returncode == 1
+    fixed = write_job(tmp_path, input_path=data, base_url=sim.base_url)
+    refused = run_cli("run", str(fixed), "--quiet")
+    assert refused.returncode == 2
+    assert "(6 of its rows are error rows, kept as they are: add --retry-errors to redo them)" in refused.stderr
+    forced = run_cli("run", str(fixed), "--quiet", "--force")
+    assert forced.returncode == 1, forced.stderr
+    assert "6 skipped, they have results (ok or error)" in forced.stdout and "answered before" not in forced.stdout
+    assert "the dataset's 6 error rows are kept; --retry-errors redoes them" in forced.stdout
+    assert run_cli("run", str(fixed), "--quiet", "--force", "--retry-errors").returncode == 0
