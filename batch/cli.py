@@ -25,6 +25,7 @@ from batch.cli_status import add_status_parser, run_status
 from batch.cli_validate import add_validate_parser, run_validate
 from batch.errors import BatchError, InputError, Interrupted, JobError, OutputError
 from batch.job import CACHE_MODES, load_job
+from batch.progress import plural
 from batch.runner import EXIT_INVALID, EXIT_STOPPED, RunOptions, run_async
 from batch.summary import format_summary, summary_dict
 
@@ -271,7 +272,7 @@ def _compact(args: argparse.Namespace) -> int:
     with OutputLock(args.output):  # it rewrites parts of outputs made by batch before 0.2: one writer at a time
         reconcile(args.output)
         rows = compact(args.output, dest)
-    print(f"wrote {rows} rows to {dest}")
+    print(f"wrote {plural(rows, 'row')} to {dest}")
     return 0
 
 
@@ -279,8 +280,9 @@ def _export(args: argparse.Namespace) -> int:
     from batch.export import export_openai_batch
 
     ok, failed = export_openai_batch(args.output, args.file, args.errors)
-    where = f"; {failed} error lines to {args.errors}" if args.errors else f" ({failed} of them error lines)"
-    print(f"wrote {ok + failed if not args.errors else ok} lines to {args.file}{where}")
+    where = (f"; {plural(failed, 'error line')} to {args.errors}" if args.errors
+             else f" ({failed} of them error {'line' if failed == 1 else 'lines'})")
+    print(f"wrote {plural(ok + failed if not args.errors else ok, 'line')} to {args.file}{where}")
     return 0
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from batch.batch_records import BatchRecords
+from batch.progress import plural
 
 
 def add_status_parser(sub: Any) -> None:
@@ -42,6 +43,7 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"{r.local_id:10} {r.provider_id or '-':38} {r.model:28} {r.state:10} {r.status or '-':11} "
               f"{r.rows:6} {counts.get('completed', 0):6} {counts.get('failed', 0):6}  {when}")
     holding = [r for r in records if r.holds_rows]
-    print(f"\n{len(holding)} batches hold {sum(r.rows for r in holding)} rows; a run collects them "
+    held = plural(sum(r.rows for r in holding), "row")
+    print(f"\n{plural(len(holding), 'batch', 'batches')} {'holds' if len(holding) == 1 else 'hold'} {held}; a run collects them "
           "(rerun the job to reattach to those still in flight)" if holding else "\nno batch holds rows")
     return 0

@@ -36,7 +36,7 @@ from batch.job import Job
 from batch.lock import OutputLock
 from batch.output import Resume, close_unfinished, prepare_output, resume_state
 from batch.plan import Plan, ScanReport, make_plan, scan
-from batch.progress import Frame, Progress, Tally
+from batch.progress import Frame, Progress, Tally, plural
 from batch.preflight import check_setup
 from batch.provider import open_session
 from batch.pump import Pump, Stop
@@ -247,7 +247,7 @@ def _tally_up(out: Path, summary: Summary, tally: Tally, stopped: str | None, li
         summary.stop_reason = stopped or (f"{left} (--limit {limit}); {rerun} to continue" if limit is not None
                                           else f"{left}; {rerun} to resume")
         if held := len(BatchRecords(out).held_ids()):
-            summary.stop_reason += (f". {held} rows are in provider batches still running (`batch status {out}` "
+            summary.stop_reason += (f". {plural(held, 'row')} {'is' if held == 1 else 'are'} in provider batches still running (`batch status {out}` "
                                     "shows them); a rerun collects them and sends none of them again")
     elif summary.rows_error:
         summary.exit_code = EXIT_ERRORS

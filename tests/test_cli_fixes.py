@@ -187,3 +187,19 @@ def test_error_rows_of_a_retired_model_point_to_retry_errors(tmp_path: Path, sim
     assert "6 skipped, they have results (ok or error)" in forced.stdout and "answered before" not in forced.stdout
     assert "the dataset's 6 error rows are kept; --retry-errors redoes them" in forced.stdout
     assert run_cli("run", str(fixed), "--quiet", "--force", "--retry-errors").returncode == 0
+
+
+def test_one_of_a_thing_is_singular(tmp_path: Path, sim: SimThread) -> None:
+    """'1 rows', '1 requests', '1 lines' no more: validate, the summary, compact and export."""
+    job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(1)), base_url=sim.base_url)
+    assert "job file ok; 1 row in" in run_cli("validate", str(job)).stdout
+    done = run_cli("run", str(job), "--quiet")
+    assert done.returncode == 0
+    assert "this run   1 row: 1 ok, 0 error" in done.stdout and "           1 request, " in done.stdout
+    assert ": 1 request, 1 answered" in done.stdout
+    out = tmp_path / "out"
+    assert run_cli("compact", str(out)).stdout.startswith("wrote 1 row to")
+    exported = run_cli("export", str(out), str(tmp_path / "x.jsonl")).stdout
+    assert exported.startswith("wrote 1 line to") and "(0 of them error lines)" in exported
+    again = run_cli("run", str(job), "--quiet")
+    assert "this run   0 rows: 0 ok, 0 error; 1 skipped" in again.stdout and "0 requests" in again.stdout
