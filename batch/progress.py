@@ -79,8 +79,8 @@ class Frame:
         return f"{self.rows}{of} {noun}{pct}"
 
     def this_run(self) -> str:
-        return (f"this run: {plural(self.run_rows, 'row')}, ok={self.run_ok} err={self.run_errors}, {money(self.cost_usd)}, "
-                f"{self.rate:.1f} rows/s")
+        return (f"this run: {plural(self.run_rows, 'row')}, ok={self.run_ok} err={self.run_errors}, "
+                f"{money(self.cost_usd)}, {self.rate:.1f} rows/s")
 
 
 def _log_every() -> float:

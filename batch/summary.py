@@ -38,12 +38,14 @@ def format_summary(s: Summary) -> str:
         f"dataset    {f.rows} of {s.rows_input} input rows have a result: {s.rows_ok} ok, {s.rows_error} error{left}",
         f"this run   {plural(s.rows_this_run, 'row')}: {s.rows_this_run_ok} ok, {s.rows_this_run_error} error"
         + (f"; {s.rows_skipped} skipped, they have results (ok or error)" if s.rows_skipped else ""),
-        f"           {plural(u.requests, 'request')}, {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, "
+        f"           {plural(u.requests, 'request')}, {u.prompt_tokens} prompt + {u.completion_tokens} completion "
+        "tokens, "
         f"{money(u.cost_usd)}{per_k}",
         f"           {s.wall_seconds:.1f}s, {f.rate:.1f} rows/s",
     ]
     if s.rows_error and s.rows_skipped:  # error rows stay as they are unless asked for
-        lines.append(f"           the dataset's {plural(s.rows_error, 'error row')} are kept; --retry-errors redoes them")
+        kept = "is kept; --retry-errors redoes it" if s.rows_error == 1 else "are kept; --retry-errors redoes them"
+        lines.append(f"           the dataset's {plural(s.rows_error, 'error row')} {kept}")
     lines.extend(_lane_lines(by_lane(s.per_model)))
     if s.cache_path is not None:
         lines.append(f"cache      {plural(s.cache_hits, 'row')} answered from the cache (no request, no cost), "

@@ -203,3 +203,13 @@ def test_one_of_a_thing_is_singular(tmp_path: Path, sim: SimThread) -> None:
     assert exported.startswith("wrote 1 line to") and "(0 of them error lines)" in exported
     again = run_cli("run", str(job), "--quiet")
     assert "this run   0 rows: 0 ok, 0 error; 1 skipped" in again.stdout and "0 requests" in again.stdout
+
+
+def test_one_error_row_is_kept_singular(tmp_path: Path, sim_factory: Factory) -> None:
+    sim = sim_factory(retired=("old/model",))
+    data = write_jsonl(tmp_path / "in.jsonl", rows(1))
+    job = write_job(tmp_path, input_path=data, base_url=sim.base_url,
+                    models=[{"provider": "local", "model": "old/model"}])
+    assert run_cli("run", str(job), "--quiet").returncode == 1
+    again = run_cli("run", str(job), "--quiet")
+    assert "the dataset's 1 error row is kept; --retry-errors redoes it" in again.stdout, again.stdout
