@@ -25,6 +25,7 @@ from batch.cli_status import add_status_parser, run_status
 from batch.cli_validate import add_validate_parser, run_validate
 from batch.errors import BatchError, InputError, Interrupted, JobError, OutputError
 from batch.job import CACHE_MODES, load_job
+from batch.progress import plural
 from batch.runner import EXIT_INVALID, EXIT_STOPPED, RunOptions, run_async
 from batch.summary import format_summary, summary_dict
 
@@ -91,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
     add_sim_parser(sub)
     add_status_parser(sub)
+    for parser in (p, *sub.choices.values()):  # "--fr" must not silently mean "--fresh"
+        parser.allow_abbrev = False
     return p
 
 
@@ -171,8 +174,8 @@ def _stats(args: argparse.Namespace) -> int:
     from batch.stats import COUNTERS
 
     path = args.output / "stats.parquet"
-    if not path.exists():
-        raise OutputError(f"{path}: not found; is {args.output} the output.path of a job that has run?")
+    if args.output.is_file() or not path.exists():
+        return _stats_before_end(args)
     runs = pq.read_table(path).to_pylist()
     for r in runs:
         r["errors_by_type"] = dict(r["errors_by_type"] or [])
@@ -220,6 +223,25 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats_before_end(args: argparse.Namespace) -> int:
+    """No stats.parquet: a first run still going, or one killed before it ended. What results/ holds so far."""
+    from batch.output import existing_output
+    from batch.store import Ledger
+
+    out = existing_output(args.output, "stats")
+    ledger = Ledger.read(out)
+    rows = len(ledger.ids)
+    results = {"rows": rows, "ok": ledger.ok, "error": ledger.errors}
+    note = (f"no stats yet: stats.parquet is written when a run ends; {rows:,} rows in results/ so far "
+            f"({ledger.ok:,} ok, {ledger.errors:,} error)")
+    if args.json:
+        print(orjson.dumps({"runs": [], "models": {}, "lanes": {}, "total": {}, "results": results, "note": note},
+                           option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(note)
+    return 0
+
+
 def _ms(latency: float | None) -> str:
     """A latency column: '-' for a model with no timed request (a batch lane, a run answered from the cache)."""
     return f"{latency:7.1f}" if latency is not None else f"{'-':>7}"
@@ -249,15 +271,15 @@ def _estimate(args: argparse.Namespace) -> int:
 
 def _compact(args: argparse.Namespace) -> int:
     from batch.lock import OutputLock
+    from batch.output import existing_output
     from batch.store import compact, reconcile
 
-    if not args.output.is_dir():
-        raise OutputError(f"{args.output}: no such output directory; give the output.path of a job that has run")
+    existing_output(args.output, "compact")  # before the lock: no lock file in a directory that is no output
     dest = args.to or args.output / "results.parquet"
     with OutputLock(args.output):  # it rewrites parts of outputs made by batch before 0.2: one writer at a time
         reconcile(args.output)
         rows = compact(args.output, dest)
-    print(f"wrote {rows} rows to {dest}")
+    print(f"wrote {plural(rows, 'row')} to {dest}")
     return 0
 
 
@@ -265,8 +287,9 @@ def _export(args: argparse.Namespace) -> int:
     from batch.export import export_openai_batch
 
     ok, failed = export_openai_batch(args.output, args.file, args.errors)
-    where = f"; {failed} error lines to {args.errors}" if args.errors else f" ({failed} of them error lines)"
-    print(f"wrote {ok + failed if not args.errors else ok} lines to {args.file}{where}")
+    where = (f"; {plural(failed, 'error line')} to {args.errors}" if args.errors
+             else f" ({failed} of them error {'line' if failed == 1 else 'lines'})")
+    print(f"wrote {plural(ok + failed if not args.errors else ok, 'line')} to {args.file}{where}")
     return 0
 
 
@@ -307,11 +330,10 @@ def _report(args: argparse.Namespace) -> int:
     except ImportError:
         print(f"error: {REPORT_EXTRA_MISSING}", file=sys.stderr)
         return EXIT_INVALID
+    from batch.output import existing_output
     from batch.report_html import watch, write_report
 
-    out: Path = args.output
-    if not out.is_dir():
-        raise OutputError(f"{out}: not a directory; give the output.path of a job")
+    out = existing_output(args.output, "report")
     dest: Path = args.html or out / "report.html"
     if not args.live:
         write_report(out, dest)

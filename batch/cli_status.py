@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from batch.batch_records import BatchRecords
-from batch.errors import OutputError
+from batch.progress import plural
 
 
 def add_status_parser(sub: Any) -> None:
@@ -25,9 +25,9 @@ def add_status_parser(sub: Any) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    out: Path = args.output
-    if not out.is_dir():
-        raise OutputError(f"{out}: no such output directory; give the output.path of a job that has run")
+    from batch.output import existing_output
+
+    out = existing_output(args.output, "status")
     records = BatchRecords(out, writer=False).records()  # a run may be writing beside us
     if args.json:
         print(orjson.dumps({"batches": [dataclasses.asdict(r) for r in records]}, option=orjson.OPT_INDENT_2).decode())
@@ -45,6 +45,7 @@ def run_status(args: argparse.Namespace) -> int:
         if r.reason or r.error:  # why it was given up, or why the provider failed it
             print(f"{'':10} {r.state}: {r.reason or r.error}")
     holding = [r for r in records if r.holds_rows]
-    print(f"\n{len(holding)} batches hold {sum(r.rows for r in holding)} rows; a run collects them "
+    held = plural(sum(r.rows for r in holding), "row")
+    print(f"\n{plural(len(holding), 'batch', 'batches')} {'holds' if len(holding) == 1 else 'hold'} {held}; a run collects them "
           "(rerun the job to reattach to those still in flight)" if holding else "\nno batch holds rows")
     return 0

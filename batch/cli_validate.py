@@ -16,6 +16,7 @@ from batch.catalog import facts_for
 from batch.job import Job, load_job
 from batch.plan import ScanReport, make_plan, scan
 from batch.preflight import blocking as blocking_problems
+from batch.progress import plural
 from batch.runner import EXIT_INVALID
 
 
@@ -29,7 +30,7 @@ def run_validate(args: argparse.Namespace) -> int:
     plan = make_plan(job)
     report = scan(plan)
     rows = plan.total_rows if report.column_problems and plan.total_rows is not None else report.rows
-    print(f"{args.job}: job file ok; {rows} rows in {job.input.path}")
+    print(f"{args.job}: job file ok; {plural(rows, 'row')} in {job.input.path}")
     for warning in job.warnings:
         print(f"  warning: {warning}")
     _describe_setup(job)
@@ -93,11 +94,11 @@ def _describe_rows(job: Job, report: ScanReport) -> None:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(report.bad_by_type.items()))
         fate = {"error": "they will be error rows", "skip": "they will be left out",
                 "fail": "the run will not start"}[job.run.on_bad_row]
-        print(f"  {report.bad_rows} rows cannot be sent ({kinds}); run.on_bad_row = {job.run.on_bad_row!r}: {fate}")
+        print(f"  {plural(report.bad_rows, 'row')} cannot be sent ({kinds}); run.on_bad_row = {job.run.on_bad_row!r}: {fate}")
         for example in report.bad_examples:
             print(f"    {example}")
     if report.body_models:
-        named = ", ".join(f"{m} ({n} lines)" for m, n in sorted(report.body_models.items()))
+        named = ", ".join(f"{m} ({plural(n, 'line')})" for m, n in sorted(report.body_models.items()))
         print(f"  lines name their own model: {named}; each starts there, then falls back along [[models]] "
               "(input.body_model = \"keep\")")
     if report.bad_lines and job.run.on_bad_row == "skip":

@@ -15,6 +15,7 @@ import re
 import time
 import tomllib
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
@@ -221,10 +222,16 @@ def _run(raw: dict[str, Any], base: Path, p: Problems) -> RunSpec:
             values[name] = get(raw, name, kind, w, p, default)
     spec = RunSpec(**values)
     if spec.deadline is not None:
+        now = time.time()
         try:
-            parse_deadline(spec.deadline, time.time())
+            at = parse_deadline(spec.deadline, now)
         except ValueError as exc:
             p.add("run.deadline", str(exc))
+        else:
+            if at <= now:  # only an ISO time can be past: a time of day is its next occurrence
+                when = datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+                p.add("run.deadline", f"{spec.deadline!r} ({when}) has already passed; give a time to come, a time "
+                      "of day (\"07:00\", the next one) or a duration (\"8h\")")
     if "batch" in spec.lanes and "online" in spec.lanes and spec.deadline is None:
         p.add("run.lanes", "both lanes need run.deadline to plan against (e.g. deadline = \"07:00\" or \"8h\"); "
               "lanes = [\"batch\"] alone sends everything to provider batches and waits for them")

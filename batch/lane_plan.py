@@ -31,21 +31,25 @@ SAFETY = 0.8  # plan the online lane at this share of its pace: latency, retries
 MARGIN_SECONDS = 10.0  # and finish this long before the deadline...
 MARGIN_SHARE = 0.05  # ...or this share of the time the run had, if less: a 60 s deadline cannot spare 10 s
 _DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*$")
-_CLOCK_RE = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*$")
+_CLOCK_RE = re.compile(r"^\s*(\d{1,2}):(\d{2})(?::(\d{2}))?\s*$")
 
 
 def parse_deadline(text: str, now: float) -> float:
-    """A unix time from ``"07:00"`` (the next such local time), an ISO time, or a duration (``8h``, ``90m``,
-    ``1h30m``, ``45s``) from ``now``. ValueError says what forms are accepted."""
+    """A unix time from ``"07:00"`` or ``"07:00:30"`` (the next such local time), an ISO time, or a duration
+    (``8h``, ``90m``, ``1h30m``, ``45s``; not 0) from ``now``. ValueError says what forms are accepted. An ISO
+    time may be in the past: the job check (batch/job.py) refuses that, naming the time."""
     if (m := _CLOCK_RE.match(text)) is not None:
-        hour, minute = int(m.group(1)), int(m.group(2))
-        if hour > 23 or minute > 59:
+        hour, minute, second = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+        if hour > 23 or minute > 59 or second > 59:
             raise ValueError(f"{text!r} is not a time of day")
         start = datetime.fromtimestamp(now)
-        at = start.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        at = start.replace(hour=hour, minute=minute, second=second, microsecond=0)
         return (at if at.timestamp() > now else at + timedelta(days=1)).timestamp()
     if (m := _DURATION_RE.match(text)) is not None and any(m.groups()):
         h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+        if h * 3600 + mi * 60 + s <= 0:
+            raise ValueError(f"{text!r} is a duration of 0: the deadline would be now; give the time the run "
+                             "may take, e.g. \"8h\" or \"90m\"")
         return now + h * 3600 + mi * 60 + s
     try:
         return datetime.fromisoformat(text).timestamp()

@@ -38,7 +38,7 @@ from batch.catalog import BATCH_PRICE_FACTOR
 from batch.errors import ProviderError
 from batch.lane_plan import Outstanding, may_submit, to_pull_back
 from batch.plan import Plan, requests_of
-from batch.progress import Progress, Tally, money
+from batch.progress import Progress, Tally, money, plural
 from batch.prompts import Request
 from batch.provider import Reply
 from batch.result import error_result, result_row
@@ -145,7 +145,7 @@ class LaneManager:
         waited = [r for r in running if r.local_id not in self.pulled]  # pulled back: their rows are online now
         owed = sum(r.rows - (r.request_counts or {}).get("completed", 0) for r in waited)
         pulled = f" ({len(running) - len(waited)} pulled back online)" if len(waited) < len(running) else ""
-        return f"{len(running)} batches in flight{pulled}, {owed} rows owed"
+        return f"{plural(len(running), 'batch', 'batches')} in flight{pulled}, {plural(owed, 'row')} owed"
 
     # --- submitting --------------------------------------------------------------------------------------------
 
@@ -169,7 +169,7 @@ class LaneManager:
         worst = sum(t.worst_cost(r.prompt_tokens, r.max_tokens or self.plan.max_tokens) for r in chunk) \
             * BATCH_PRICE_FACTOR
         if not self.budget.reserve(worst):
-            self.progress.message(f"batch lane: max_cost_usd has no room for a batch of {len(chunk)} rows "
+            self.progress.message(f"batch lane: max_cost_usd has no room for a batch of {plural(len(chunk), 'row')} "
                                   f"(up to {money(worst)}); they go online")
             return False
         record = self.records.create(api=self.client.api, provider=t.provider, model=t.model,
@@ -249,7 +249,8 @@ class LaneManager:
         """The provider will never answer this batch: its rows are free again, for another batch or online."""
         self.records.mark_abandoned(record.local_id, why)
         self.budget.settle(record.local_id)
-        self.progress.message(f"batch lane: {why}; its {record.rows} rows are sent again")
+        self.progress.message(f"batch lane: {why}; its {plural(record.rows, 'row')} "
+                              f"{'is' if record.rows == 1 else 'are'} sent again")
         if record.local_id not in self.pulled:
             await self.give_back(self.requests_for(set(self.records.ids(record.local_id).to_pylist())))
 
@@ -265,7 +266,7 @@ class LaneManager:
                                 self.settings.margin_seconds, lookahead=self.settings.poll_seconds):
             record = self.records.get(key)
             self.pulled.add(key)
-            self.progress.message(f"batch lane: the deadline needs {record.rows} rows of batch {record.provider_id} "
+            self.progress.message(f"batch lane: the deadline needs {plural(record.rows, 'row')} of batch {record.provider_id} "
                                   "online now")
             if record.provider_id is not None:
                 try:

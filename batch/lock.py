@@ -51,11 +51,9 @@ class OutputLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _holder(fd)
+            who = _holder(fd)
             os.close(fd)
-            raise OutputError(f"{self.dir} is in use by another batch process ({holder}); nothing was read or "
-                              "sent. Wait for it to finish, stop it, or give this run another output.path "
-                              "(--output DIR)") from None
+            raise OutputError(in_use(self.dir, who)) from None
         self._fd = fd
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -80,6 +78,30 @@ class OutputLock:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release(remove_empty_dir=exc is not None)
+
+
+def holder(out_dir: Path) -> str | None:
+    """Who holds ``out_dir``'s lock now, or None; for ``batch validate``. It creates nothing: no lock file, no
+    directory. It takes the lock shared for an instant, so a run starting in that instant is refused."""
+    try:
+        fd = os.open(out_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file: no run has ever held it
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(fd)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def in_use(out_dir: Path, holder: str, done: str = "nothing was read or sent") -> str:
+    """The refusal when another process holds ``out_dir``; ``done`` says what this command did."""
+    return (f"{out_dir} is in use by another batch process ({holder}); {done}. Wait for it to finish, stop it, "
+            "or give this run another output.path (--output DIR)")
 
 
 def _holder(fd: int) -> str:

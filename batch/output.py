@@ -30,7 +30,7 @@ from batch.catalog import SIM_BASE_URL
 from batch.errors import OutputError
 from batch.job import Job
 from batch.lock import LOCK_FILE
-from batch.plan import ScanReport, describe_changes, fingerprint
+from batch.plan import ScanReport, describe_changes, fingerprint, input_change
 from batch.spend import JOURNAL_PREFIX, journal_usage, orphan_journals, remove_journal
 from batch.stats import (BATCH_LANE_SUFFIX, STATS_FILE, Usage, append_stats, previous_cost, recorded_ok, recorded_runs,
                          stats_rows)
@@ -38,6 +38,28 @@ from batch.store import (MANIFEST, RESULTS_DIR, Ledger, part_files, read_manifes
                          set_aside_damaged)
 
 _PART_TEMPS = (".part-",)  # hidden temporary and damaged part files
+
+
+def existing_output(path: Path, command: str) -> Path:
+    """``path`` when it is a batch output (it has a manifest.json), else OutputError (exit 2) saying what it is;
+    for the commands that read or rewrite an output (``command``: e.g. "report"), which must not write a report
+    or a lock file into a directory that is not one."""
+    if path.is_file() and path.suffix == ".toml":
+        from batch.errors import JobError
+        from batch.job import load_job
+
+        try:
+            named = load_job(path).output.path
+        except JobError:
+            raise OutputError(f"{path} is a job file, not an output directory; give the output.path of a "
+                              "job") from None
+        raise OutputError(f"{path} is a job file, not an output directory; its output is {named}: "
+                          f"batch {command} {named}")
+    if not path.is_dir():
+        raise OutputError(f"{path}: not a directory; give the output.path of a job")
+    if not (path / MANIFEST).is_file():
+        raise OutputError(f"{path} is not a batch output (no {MANIFEST}); give the output.path of a job")
+    return path
 
 
 def delete_previous(out: Path, embedded: frozenset[str] = frozenset()) -> None:
@@ -89,10 +111,18 @@ def output_problem(job: Job, *, force: bool) -> str | None:
         if part_files(out / RESULTS_DIR) and not force:
             return f"{out}: holds results but no manifest.json; use --force to add to them or --fresh to start over"
         return None
-    changes = describe_changes(manifest.get("fingerprint", {}), fingerprint(job))
+    old, new = manifest.get("fingerprint", {}), fingerprint(job)
+    changes = describe_changes(old, new)
+    if len(changes) == 1 and changes[0].startswith("input (") and not force:  # the same job, new input
+        what = input_change(old.get("input"), new["input"])
+        return (f"{out}: the input changed since this output was started ({what}); --force to continue with it (rows already answered are kept), --fresh to start over")
     if changes and not force:
+        errors = Ledger.read(out).errors
+        redo = (f" ({errors} of its rows are error rows, kept as they are: add --retry-errors to redo them)"
+                if errors else "")
         return (f"{out}: holds answers to a different job; changed since: " + "; ".join(changes)
-                + ". Rerun with --force to mix them anyway, --fresh to start over, or use another output.path")
+                + f". Rerun with --force to mix them anyway{redo}, --fresh to start over, or use another "
+                "output.path")
     return None
 
 

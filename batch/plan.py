@@ -180,7 +180,8 @@ def scan(plan: Plan, interrupted: Callable[[], bool] = lambda: False) -> ScanRep
     if report.column_problems:
         return report
     id_arrays: list[pa.Array] = []
-    fields = plan.prompt_fields
+    # JSONL has no schema: a column the job names that no line has is a typo (keep_columns would be all null)
+    fields = {**{c: "input.keep_columns" for c in plan.job.input.keep_columns}, **plan.prompt_fields}
     keys_seen = KeysSeen(list(fields)) if fields and plan.job.input.format == "jsonl" else None
     for batch in plan.batches(on_bad_line=bad_line, keys_seen=keys_seen):
         if interrupted():
@@ -307,11 +308,26 @@ def input_identity(path: Path) -> dict[str, Any]:
 
 
 def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two fingerprints, one line per key; the input as names and sizes."""
     changes = []
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
-            changes.append(f"{key}: {_short(old.get(key))} -> {_short(new.get(key))}")
+            changes.append(f"input ({input_change(old.get(key), new.get(key))})" if key == "input"
+                           else f"{key}: {_short(old.get(key))} -> {_short(new.get(key))}")
     return changes
+
+
+def input_change(old: Any, new: Any) -> str:
+    """Two input identities (``input_identity``) as a reader says it: "rev.jsonl: 32,734 -> 32,798 bytes"."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return f"{_short(old)} -> {_short(new)}"
+    name = new.get("name") if old.get("name") == new.get("name") else f"{old.get('name')} -> {new.get('name')}"
+    size_old, size_new = old.get("size"), new.get("size")
+    if not isinstance(size_old, int) or not isinstance(size_new, int):
+        return f"{name}: {_short(size_old)} -> {_short(size_new)} bytes"
+    if size_old == size_new:
+        return f"{name}: {size_new:,} bytes, other content"
+    return f"{name}: {size_old:,} -> {size_new:,} bytes"
 
 
 def _short(value: Any) -> str:

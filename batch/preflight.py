@@ -8,6 +8,7 @@
     a provider's key missing from the environment setup_problems              before reading the input
     cache = "replay" without a cache file         setup_problems              before reading the input
     the input (lines, ids, columns, fields)       plan.ScanReport.blocking    after the scan
+    an output another batch process holds         lock.holder                 when it takes the lock
     an output made by a different job             output.output_problem       under the output's lock
 
 ``batch validate`` collects them all at once (``blocking``); ``batch run``
@@ -22,6 +23,7 @@ from __future__ import annotations
 from batch.cache import default_cache_path, replay_problem
 from batch.errors import JobError
 from batch.job import Job
+from batch.lock import holder, in_use
 from batch.output import output_problem
 from batch.plan import ScanReport
 from batch.provider import missing_key
@@ -50,6 +52,8 @@ def check_setup(job: Job) -> None:
 def blocking(job: Job, report: ScanReport) -> list[str]:
     """Every problem that stops ``batch run`` of this job (without --force or --fresh), from one scan."""
     problems = [*setup_problems(job), *report.blocking(job.run.on_bad_row)]
+    if (who := holder(job.output.path)) is not None:
+        problems.append(in_use(job.output.path, who, "batch run would send nothing"))
     if problem := output_problem(job, force=False):
         problems.append(problem)
     return problems

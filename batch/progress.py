@@ -46,6 +46,11 @@ class Tally:
             self.errors += 1
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``n`` and its noun: "1 row", "2 rows"; ``many`` for an irregular plural ("batches")."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
 def money(usd: float) -> str:
     """Dollars as the progress display and the summary both show them, so the two can be compared."""
     return f"${usd:.6f}"
@@ -70,11 +75,12 @@ class Frame:
     def dataset(self) -> str:
         of = f"/{self.total}" if self.total is not None else ""
         pct = f" ({100 * self.rows / self.total:.1f}%)" if self.total else ""
-        return f"{self.rows}{of} rows{pct}"
+        noun = "row" if (self.total if self.total is not None else self.rows) == 1 else "rows"  # "0/1 row"
+        return f"{self.rows}{of} {noun}{pct}"
 
     def this_run(self) -> str:
-        return (f"this run: {self.run_rows} rows, ok={self.run_ok} err={self.run_errors}, {money(self.cost_usd)}, "
-                f"{self.rate:.1f} rows/s")
+        return (f"this run: {plural(self.run_rows, 'row')}, ok={self.run_ok} err={self.run_errors}, "
+                f"{money(self.cost_usd)}, {self.rate:.1f} rows/s")
 
 
 def _log_every() -> float:

@@ -40,8 +40,10 @@ WORKERS_PER_SLOT = 4
 class Stop:
     """Why and how the run stops; set once, read by every task."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, fresh: bool = False) -> None:
         self.reason: str | None = None
+        # how to resume: the same command of a --fresh run would delete what this run wrote
+        self.rerun = "rerun without --fresh" if fresh else "rerun the same command"
         self.collect_batches = False  # a budget stop: stop spending, but collect the batches already paid for
         self.hard = False
         self.event = asyncio.Event()
@@ -211,7 +213,7 @@ class Pump:
         silent = time.monotonic() - router.last_success
         if router.failures_since_success and silent > self.job.run.give_up_seconds:
             self.stop.request(f"no model has answered for {silent:.0f}s ({router.failures_since_success} failures "
-                              f"in a row); giving up (run.give_up_seconds). Rerun to resume.")
+                              f"in a row); giving up (run.give_up_seconds). {self.stop.rerun.capitalize()} to resume.")
 
     def _check_reachable(self) -> None:
         """Nothing answered yet and the endpoint refuses connections: a server not started, a wrong base_url."""
@@ -221,7 +223,8 @@ class Pump:
                 time.monotonic() - since > self.job.run.unreachable_seconds:
             self.stop.request(f"cannot reach {router.unreachable_url} ({router.unreachable_error}); no request of "
                               f"this run was answered in {self.job.run.unreachable_seconds:g}s. Is the server "
-                              "running, and is the provider's base_url right? Rerun to resume.")
+                              f"running, and is the provider's base_url right? {self.stop.rerun.capitalize()} to "
+                              "resume.")
 
     def _warn_breakers(self) -> None:
         for t in self.targets:
@@ -243,7 +246,7 @@ class Pump:
     def _on_signal(self) -> None:
         self._signals += 1
         if self._signals == 1 and self.stop.reason is None:
-            self.stop.request("interrupted; rerun the same command to resume")
+            self.stop.request(f"interrupted; {self.stop.rerun} to resume")
             self.progress.message(f"stopping: finishing requests in flight (up to {self.grace_seconds:g}s); "
                                   "press Ctrl-C again to stop at once")
         else:

@@ -39,7 +39,7 @@ from batch.job import Job
 from batch.lock import OutputLock
 from batch.output import Resume, close_unfinished, prepare_output, resume_state
 from batch.plan import Plan, ScanReport, make_plan, scan
-from batch.progress import Frame, Progress, Tally
+from batch.progress import Frame, Progress, Tally, plural
 from batch.preflight import check_setup
 from batch.provider import open_session
 from batch.pump import Pump, Stop
@@ -155,7 +155,10 @@ def _options(options: RunOptions | None, overrides: dict[str, Any]) -> RunOption
     if unknown := sorted(set(overrides) - known):
         raise TypeError(f"unknown run option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     base = options or RunOptions()
-    return RunOptions(**{**{k: getattr(base, k) for k in known}, **overrides})
+    options = RunOptions(**{**{k: getattr(base, k) for k in known}, **overrides})
+    if options.limit is not None and options.limit < 0:  # a negative limit once meant no limit at all
+        raise JobError(f"--limit {options.limit}: expected a number of rows, 0 or more (omit it for no limit)")
+    return options
 
 
 async def _run_locked(job: Job, options: RunOptions, started: float) -> Summary:
@@ -211,7 +214,7 @@ async def _run_output(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
                                 "max_cost_usd": job.run.max_cost_usd}
     manifest.setdefault("runs", []).append(entry)
     write_manifest(out, manifest)
-    stop, tally = Stop(), Tally()
+    stop, tally = Stop(fresh=options.fresh), Tally()
     journal = SpendJournal(out, run_id)
     log = AttemptLog(out, run_id, flush_seconds=job.output.flush_seconds) if job.output.attempt_log else None
     try:
@@ -239,15 +242,17 @@ async def _run_output(job: Job, plan: Plan, report: ScanReport, resume: Resume, 
     wall = time.monotonic() - progress.started
     summary.per_model = {(s.label.split(":", 1)[0], s.label.split(":", 1)[1]): s.freeze(wall)
                          for s in [*(t.stats for t in targets), *lane_stats]}
-    _tally_up(out, summary, tally, stop.reason, limit)
+    _tally_up(out, summary, tally, stop.reason, limit, stop.rerun)
     _finish_output(out, run_id, manifest, entry, summary, tally, journal)
     if options.engine == "ray" and not journal.path.exists():  # deleted once stats.parquet was written
         for path in out.glob(f"{JOURNAL_PREFIX}{run_id}.*.bin"):  # the Ray workers': stats.parquet has them now
             remove_journal(path)
 
 
-def _tally_up(out: Path, summary: Summary, tally: Tally, stopped: str | None, limit: int | None) -> None:
-    """The summary's rows, from this run's tally and the output as it now is; the exit code."""
+def _tally_up(out: Path, summary: Summary, tally: Tally, stopped: str | None, limit: int | None,
+              rerun: str = "rerun") -> None:
+    """The summary's rows, from this run's tally and the output as it now is; the exit code. ``rerun`` says
+    how to resume (a --fresh run: without --fresh)."""
     summary.rows_this_run, summary.rows_this_run_ok, summary.rows_this_run_error = tally.done, tally.ok, tally.errors
     final = Ledger.read(out)
     summary.rows_ok, summary.rows_error = final.ok, final.errors
@@ -259,10 +264,10 @@ def _tally_up(out: Path, summary: Summary, tally: Tally, stopped: str | None, li
     if stopped is not None or summary.rows_left:
         summary.exit_code = EXIT_STOPPED  # a script that reruns until exit 0 must not stop at --limit
         left = f"{summary.rows_left} of {summary.rows_input} input rows have no result yet"
-        summary.stop_reason = stopped or (f"{left} (--limit {limit}); rerun to continue" if limit is not None
-                                          else f"{left}; rerun to resume")
+        summary.stop_reason = stopped or (f"{left} (--limit {limit}); {rerun} to continue" if limit is not None
+                                          else f"{left}; {rerun} to resume")
         if held := len(BatchRecords(out).held_ids()):
-            summary.stop_reason += (f". {held} rows are in provider batches still running (`batch status {out}` "
+            summary.stop_reason += (f". {plural(held, 'row')} {'is' if held == 1 else 'are'} in provider batches still running (`batch status {out}` "
                                     "shows them); a rerun collects them and sends none of them again")
     elif summary.rows_error:
         summary.exit_code = EXIT_ERRORS
@@ -278,11 +283,11 @@ async def _send_all(job: Job, plan: Plan, report: ScanReport, resume: Resume, li
         targets, row_chains = build_targets(job, sim_url, report.body_models)
 
         def on_fatal(e: FatalError) -> None:
-            stop.request(f"the provider refused the run: {e}. Fix this, then rerun the same command to resume.")
+            stop.request(f"the provider refused the run: {e}. Fix this, then {stop.rerun} to resume.")
 
         def on_budget() -> None:
             stop.request(f"budget reached: max_cost_usd ${job.run.max_cost_usd} would be passed by the next "
-                         "request. Raise max_cost_usd and rerun to resume.", collect_batches=True)
+                         f"request. Raise max_cost_usd and {stop.rerun} to resume.", collect_batches=True)
 
         checker = _checker(job)
         async with open_session(job.run.concurrency) as session, Sink(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from batch.progress import money
+from batch.progress import money, plural
 from batch.stats import by_lane
 
 if TYPE_CHECKING:
@@ -36,14 +36,17 @@ def format_summary(s: Summary) -> str:
     lines = [
         f"output     {s.out_dir}",
         f"dataset    {f.rows} of {s.rows_input} input rows have a result: {s.rows_ok} ok, {s.rows_error} error{left}",
-        f"this run   {s.rows_this_run} rows: {s.rows_this_run_ok} ok, {s.rows_this_run_error} error"
-        + (f"; {s.rows_skipped} skipped, answered before" if s.rows_skipped else ""),
-        f"           {u.requests} requests, {_tokens(u)}, {money(u.cost_usd)}{per_k}",
+        f"this run   {plural(s.rows_this_run, 'row')}: {s.rows_this_run_ok} ok, {s.rows_this_run_error} error"
+        + (f"; {s.rows_skipped} skipped, they have results (ok or error)" if s.rows_skipped else ""),
+        f"           {plural(u.requests, 'request')}, {_tokens(u)}, {money(u.cost_usd)}{per_k}",
         f"           {s.wall_seconds:.1f}s, {f.rate:.1f} rows/s",
     ]
+    if s.rows_error and s.rows_skipped:  # error rows stay as they are unless asked for
+        kept = "is kept; --retry-errors redoes it" if s.rows_error == 1 else "are kept; --retry-errors redoes them"
+        lines.append(f"           the dataset's {plural(s.rows_error, 'error row')} {kept}")
     lines.extend(_lane_lines(by_lane(s.per_model)))
     if s.cache_path is not None:
-        lines.append(f"cache      {s.cache_hits} rows answered from the cache (no request, no cost), "
+        lines.append(f"cache      {plural(s.cache_hits, 'row')} answered from the cache (no request, no cost), "
                      f"{s.cache_misses} not found; {s.cache_path}")
     models = [(f"{p}:{m}", x) for (p, m), x in s.per_model.items() if x.requests or x.errors]
     if models:
@@ -62,12 +65,12 @@ def _lane_lines(lanes: dict[str, Usage]) -> list[str]:
     """This run's answers, tokens and cost by lane (only when a batch lane was used)."""
     if not lanes:
         return []
-    parts = [f"{lane}: {u.ok} answers, {u.prompt_tokens} + {u.completion_tokens} tokens, {money(u.cost_usd)}"
+    parts = [f"{lane}: {plural(u.ok, 'answer')}, {u.prompt_tokens} + {u.completion_tokens} tokens, {money(u.cost_usd)}"
              for lane, u in lanes.items()]
     lines = ["lanes      " + "; ".join(parts)]
     second = sum(u.second_answers for u in lanes.values())
     if second:
-        lines.append(f"           {second} batch lines answered rows already answered online: billed, "
+        lines.append(f"           {plural(second, 'batch line')} answered rows already answered online: billed, "
                      "counted in the cost above, not kept")
     return lines
 
@@ -75,10 +78,10 @@ def _lane_lines(lanes: dict[str, Usage]) -> list[str]:
 def _model_lines(label: str, x: Usage) -> list[str]:
     latency = (f", latency p50 {x.latency_p50_ms:.1f} ms, p95 {x.latency_p95_ms:.1f} ms"
                if x.latency_p50_ms is not None and x.latency_p95_ms is not None else "")
-    came = f", {x.fallbacks_in} rows from the model above" if x.fallbacks_in else ""
+    came = f", {plural(x.fallbacks_in, 'row')} from the model above" if x.fallbacks_in else ""
     checked = (f", invalid answers {x.invalid_outputs}, repairs {x.repairs}"
                if x.invalid_outputs or x.repairs else "")
-    lines = [f"  {label}: {x.requests} requests, {x.ok} answered{came}{checked}, {money(x.cost_usd)}{latency}"]
+    lines = [f"  {label}: {plural(x.requests, 'request')}, {x.ok} answered{came}{checked}, {money(x.cost_usd)}{latency}"]
     if x.errors or x.rate_limited:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(x.errors.items())) or "none"
         lines.append(f"    failed attempts (requests, not rows): {kinds}; retried on this model {x.retries}, "

@@ -194,6 +194,11 @@ class TestPage:
         """A path that is not a directory: exit 2 with a message naming it."""
         proc = run_cli("report", str(tmp_path / "nope"))
         assert proc.returncode == 2 and "nope: not a directory" in proc.stderr
+        jobs = tmp_path / "jobs"
+        jobs.mkdir()
+        proc = run_cli("report", str(jobs))
+        assert proc.returncode == 2 and "is not a batch output (no manifest.json)" in proc.stderr
+        assert list(jobs.iterdir()) == []  # no report.html written into a directory that is no output
 
 
 class TestUnits:

@@ -48,7 +48,7 @@ class TestResumedRun:
         assert all(d - r == 60 for d, r in zip(done, run_rows))  # the dataset is what came before plus this run
         out = proc.stdout
         assert "dataset    200 of 200 input rows have a result: 200 ok, 0 error" in out
-        assert "this run   140 rows: 140 ok, 0 error; 60 skipped, answered before" in out
+        assert "this run   140 rows: 140 ok, 0 error; 60 skipped, they have results (ok or error)" in out
         cost = found(r"completion tokens billed, (\$\d+\.\d{6})", out)
         rate = found(r"s, (\d+\.\d) rows/s", out)
         assert lines[-1] == f"[batch] 200/200 rows (100.0%) | this run: 140 rows, ok=140 err=0, {cost}, {rate} rows/s"
