@@ -330,11 +330,11 @@ def _report(args: argparse.Namespace) -> int:
     except ImportError:
         print(f"error: {REPORT_EXTRA_MISSING}", file=sys.stderr)
         return EXIT_INVALID
-    from batch.output import existing_output
+    from batch.output import REPORT_FILE, existing_output
     from batch.report_html import watch, write_report
 
     out = existing_output(args.output, "report")
-    dest: Path = args.html or out / "report.html"
+    dest: Path = args.html or out / REPORT_FILE
     if not args.live:
         write_report(out, dest)
         print(dest)

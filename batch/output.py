@@ -16,6 +16,7 @@ writes here meanwhile:
 
 from __future__ import annotations
 
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +35,10 @@ from batch.plan import ScanReport, describe_changes, fingerprint, input_change
 from batch.spend import JOURNAL_PREFIX, journal_usage, orphan_journals, remove_journal
 from batch.stats import (BATCH_LANE_SUFFIX, STATS_FILE, Usage, append_stats, previous_cost, recorded_ok, recorded_runs,
                          stats_rows)
-from batch.store import (MANIFEST, RESULTS_DIR, Ledger, part_files, read_manifest, read_parts, reconcile,
+from batch.store import (MANIFEST, RESULTS_DIR, SHARDS_DIR, Ledger, part_files, read_manifest, read_parts, reconcile,
                          set_aside_damaged)
 
+REPORT_FILE = "report.html"  # `batch report OUT` writes it here by default
 _PART_TEMPS = (".part-",)  # hidden temporary and damaged part files
 
 
@@ -78,8 +80,10 @@ def delete_previous(out: Path, embedded: frozenset[str] = frozenset()) -> None:
             path.unlink(missing_ok=True)
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
+    # a killed Ray driver's shards would be folded into the fresh results; an old report would describe them
+    shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
     for path in _listing(out):
-        if path.name in (MANIFEST, STATS_FILE) or path.name.startswith(JOURNAL_PREFIX):
+        if path.name in (MANIFEST, STATS_FILE, REPORT_FILE) or path.name.startswith(JOURNAL_PREFIX):
             path.unlink(missing_ok=True)
 
 

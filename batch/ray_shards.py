@@ -39,9 +39,8 @@ import pyarrow.compute as pc
 
 from batch.result import Result
 from batch.sinks import Sink
-from batch.store import RESULTS_DIR, Ledger, part_files, read_parts
+from batch.store import RESULTS_DIR, SHARDS_DIR, Ledger, part_files, read_parts
 
-SHARDS_DIR = "ray"
 SUFFIX = ".shard"
 HEADER = struct.Struct("<I")
 SAME_ROW = ("status", "output", "attempts", "latency_ms", "error_message")  # a row already written from a shard

@@ -46,13 +46,13 @@ from batch.pump import Pump, Stop
 from batch.router import Policy, Router, Target
 from batch.sim import SimConfig, Simulator
 from batch.sinks import Sink, result_schema
-from batch.ray_shards import SHARDS_DIR, fold_shards
+from batch.ray_shards import fold_shards
 from batch.spend import JOURNAL_PREFIX, SpendJournal, remove_journal
 from batch.stats import Usage, append_stats, stats_rows
 from batch.batch_records import BatchRecords
 from batch.lane_start import start_lanes
 from batch.stats import ModelStats
-from batch.store import Ledger, error_rows, write_manifest
+from batch.store import SHARDS_DIR, Ledger, error_rows, write_manifest
 from batch.targets import build_targets, check_models
 
 GRACE_SECONDS = 30.0

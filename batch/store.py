@@ -25,6 +25,7 @@ from batch.atomic import fsync_dir, replacing, write_atomic
 from batch.errors import OutputError
 
 RESULTS_DIR = "results"
+SHARDS_DIR = "ray"  # a Ray run's per-worker answers (batch/ray_shards.py), until they are in parts
 MANIFEST = "manifest.json"
 _PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 

@@ -239,3 +239,31 @@ def test_full_disk_stops_cleanly_and_resumes(tmp_path: Path, sim_factory: Factor
     assert run_cli("run", str(job), "--quiet").returncode == 0
     df = results(tiny_disk / "out")
     assert len(df) == 2000 and df["id"].is_unique
+
+
+def test_fresh_forgets_a_killed_ray_runs_shards_and_the_old_report(tmp_path: Path, sim: SimThread) -> None:
+    """--fresh starts over: the answers a killed Ray driver left in OUT/ray are deleted with the rest, not
+    folded into the fresh results (they once were: --fresh then skipped those rows as done), and so is the
+    old report.html."""
+    from batch.ray_shards import ShardWriter, run_folder
+    from batch.result import Result
+
+    job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(30)), base_url=sim.base_url)
+    assert run_cli("run", str(job), "--quiet").returncode == 0
+    old = results(tmp_path / "out").set_index("id").loc["r0"]
+    stale = Result(id="r0", status="ok", output="STALE", parsed=None, finish_reason="stop", model=str(old["model"]),
+                   provider=str(old["provider"]), fallback_level=0, attempts=1, prompt_tokens=1, completion_tokens=1,
+                   cached_tokens=None, reasoning_tokens=None, cost_usd=0.0, cost_source=None, latency_ms=1.0,
+                   error_type=None, error_message=None, request_hash=str(old["request_hash"]), cached=False,
+                   billed_prompt_tokens=1, billed_completion_tokens=1, lane="online", batch_id=None,
+                   response_body=None, keep=())
+    writer = ShardWriter(run_folder(tmp_path / "out", "20260101T000000Z-dead00") / "w0.shard")
+    writer.append(stale)
+    writer.close()
+    (tmp_path / "out" / "report.html").write_text("<html>old</html>")
+    before = sim.counters.requests
+    assert run_cli("run", str(job), "--quiet", "--fresh").returncode == 0
+    df = results(tmp_path / "out")
+    assert len(df) == 30 and df["id"].is_unique and "STALE" not in set(df["output"])
+    assert sim.counters.requests - before == 30  # every row asked again: none skipped as done
+    assert not (tmp_path / "out" / "ray").exists() and not (tmp_path / "out" / "report.html").exists()
