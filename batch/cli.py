@@ -130,8 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except (KeyboardInterrupt, Interrupted):  # before a run installed its own handlers
-        print("interrupted before anything was sent; nothing was lost. Rerun the same command to start.",
-              file=sys.stderr)
+        print("interrupted. Answers already written are kept: rerun without --fresh to resume.", file=sys.stderr)
         return EXIT_STOPPED
     except (JobError, InputError, OutputError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -43,7 +43,7 @@ from batch.progress import Progress, Tally
 from batch.provider import open_session
 from batch.pump import MONITOR_SECONDS, Stop
 from batch.ray_limits import service_handle
-from batch.ray_shards import drop_run, run_folder
+from batch.ray_shards import drop_run, fold_shards, run_folder
 from batch.ray_worker import RayWorker, merge_stats, read_worker_stats
 from batch.result import Result
 from batch.sinks import Sink
@@ -73,7 +73,12 @@ def ray_cluster(address: str | None) -> Iterator[None]:
         yield
         return
     if address:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        except Exception as exc:  # a bad address, a missing ray[client] for ray://, a head that does not answer
+            raise JobError(f"--ray {address}: cannot join this Ray cluster ({type(exc).__name__}: {exc}). Give "
+                           "the head's address (HOST:6379; ray://HOST:10001 needs pip install 'ray[client]'), or "
+                           "no address for a local cluster; nothing was sent") from None
     else:
         ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False,
                  _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
@@ -140,8 +145,10 @@ async def send_on_ray(job: Job, report: ScanReport, resume: Resume, limit: int |
             for t in targets:
                 if t.label in by_label:
                     merge_stats(t.stats, by_label[t.label])
-        if sink.error is None:
+        if sink.error is None and stop.reason is None:
             drop_run(out, run_id)  # every row of the run is in a part now
+        elif sink.error is None:  # stopped: workers may have answered rows the driver never took; keep them
+            await fold_shards(out, schema, flush_rows=job.output.flush_rows, flush_seconds=job.output.flush_seconds)
         import ray
 
         ray.kill(service)  # its state is the run's; a killed driver leaves it for the next run to find
@@ -192,7 +199,7 @@ async def _consume(ds: Any, resume: Resume, sink: Sink, service: Any, grace_seco
             if item is _END or item is None:
                 break
             if isinstance(item, BaseException):
-                stop.request(f"the Ray run failed ({type(item).__name__}: {item}); rerun to resume")
+                stop.request(f"the Ray run failed ({type(item).__name__}: {item}); {stop.rerun} to resume")
                 break
             assert isinstance(item, pa.Table)
             await _write(item, old_parts, sink, tally)
@@ -254,8 +261,8 @@ def _install_signals(stop: Stop, service: Any, progress: Progress, grace_seconds
 
     def on_signal() -> None:
         if stop.reason is None:
-            stop.request("interrupted; rerun the same command to resume")
-            service.request_stop.remote("interrupted; rerun the same command to resume")
+            stop.request(f"interrupted; {stop.rerun} to resume")
+            service.request_stop.remote(f"interrupted; {stop.rerun} to resume")
             progress.message(f"stopping: the workers finish requests in flight (up to {grace_seconds:g}s); "
                              "press Ctrl-C again to stop at once")
         else:
