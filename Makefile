@@ -1,5 +1,5 @@
-# The two commands of the README. Each creates .venv when it is missing and
-# installs the project into it with the test and report extras, so a bare
+# The commands of the README (make demo, make test, make demo-lanes, make demo-report). Each creates .venv
+# when it is missing and installs the project into it with the test, report and ray extras, so a bare
 # machine with only Python needs nothing else.
 PYTHON ?= python3
 VENV := .venv
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/batch run jobs/demo.toml --fresh
 
-# the batch lane against a deadline, on the simulator's Batch API (about a minute)
+# the batch lane against a deadline, on the simulator's Batch API (about 80 s)
 demo-lanes: $(STAMP)
 	$(BIN)/batch run jobs/overnight.toml --fresh
 	$(BIN)/batch status out/overnight
