@@ -155,6 +155,8 @@ def _run(args: argparse.Namespace) -> int:
                          ray_address=args.ray or None, ray_workers=args.ray_workers)
     if args.ray_workers is not None and args.ray_workers < 1:
         raise JobError("--ray-workers: expected a positive integer")
+    if args.ray_workers is not None and args.ray is None:  # once silently ignored: the run went local
+        raise JobError("--ray-workers works with --ray only; add --ray (a local Ray cluster) or drop it")
     summary = asyncio.run(run_async(job, options))
     if args.json:
         print(orjson.dumps(summary_dict(summary), option=orjson.OPT_INDENT_2).decode())

@@ -49,7 +49,6 @@ from batch.target import Target
 
 if TYPE_CHECKING:
     from batch.attempts import AttemptLog
-    pass
 
 MAX_BATCH_TRIES = 2  # batches a row may go to; then online (or, batch only, an error row)
 FIND_PATIENCE_SECONDS = 120.0  # a submission whose answer was lost and that no listing shows is given up after
@@ -207,8 +206,9 @@ class LaneManager:
                 for record in ended:
                     self.records.mark_abandoned(record.local_id, "the embedded simulator ended with its run")
                 if ended:
-                    self.progress.message(f"batch lane: {len(ended)} batch(es) of the embedded simulator end with "
-                                          f"this run; a rerun sends their {sum(r.rows for r in ended)} rows again "
+                    self.progress.message(f"batch lane: {plural(len(ended), 'batch', 'batches')} of the embedded "
+                                          f"simulator end with this run; a rerun sends their "
+                                          f"{plural(sum(r.rows for r in ended), 'row')} again "
                                           "(a simulator started with `batch sim` keeps its batches across runs)")
             self.done.set()
 

@@ -119,7 +119,8 @@ def output_problem(job: Job, *, force: bool) -> str | None:
     changes = describe_changes(old, new)
     if len(changes) == 1 and changes[0].startswith("input (") and not force:  # the same job, new input
         what = input_change(old.get("input"), new["input"])
-        return (f"{out}: the input changed since this output was started ({what}); --force to continue with it (rows already answered are kept), --fresh to start over")
+        return (f"{out}: the input changed since this output was started ({what}); --force to continue with it "
+                "(rows already answered are kept), --fresh to start over")
     if changes and not force:
         errors = Ledger.read(out).errors
         redo = (f" ({errors} of its rows are error rows, kept as they are: add --retry-errors to redo them)"

@@ -133,6 +133,14 @@ def test_a_negative_limit_is_refused(tmp_path: Path, sim: SimThread) -> None:
     assert sim.counters.requests == 0 and not (tmp_path / "out").exists()
 
 
+def test_ray_workers_without_ray_is_refused(tmp_path: Path, sim: SimThread) -> None:
+    """`--ray-workers 2` without `--ray` ran locally without a word; it is a usage error now, nothing sent."""
+    job = write_job(tmp_path, input_path=write_jsonl(tmp_path / "in.jsonl", rows(5)), base_url=sim.base_url)
+    done = run_cli("run", str(job), "--ray-workers", "2")
+    assert done.returncode == 2 and "--ray-workers works with --ray only" in done.stderr
+    assert sim.counters.requests == 0 and not (tmp_path / "out").exists()
+
+
 def test_a_changed_input_is_said_in_words(tmp_path: Path, sim: SimThread) -> None:
     """The refusal printed the fingerprint's raw dict (name, size, sample_hash); now names and sizes."""
     data = write_jsonl(tmp_path / "rev.jsonl", rows(300))
