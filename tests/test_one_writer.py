@@ -124,7 +124,10 @@ class TestKillDuringRetries:
         if flag == "--retry-errors":
             sim = sim_factory(latency_ms=4, faults={"500": 0.5}, seed=trial)
             job = write_job(tmp_path, input_path=data, base_url=sim.base_url,
-                            run={"concurrency": 8, "max_attempts": 1}, output={"flush_rows": 15})
+                            # half the requests fail: 10 in a row happen by chance, and an open breaker's 30 s
+                            # cool-down once ran the test past its timeout; the breaker is not what this tests
+                            run={"concurrency": 8, "max_attempts": 1, "breaker_failures": 1000},
+                            output={"flush_rows": 15})
             assert run_cli("run", str(job), "--quiet").returncode == 1
             sim.config.faults = {}
         else:
